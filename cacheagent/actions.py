@@ -1,0 +1,116 @@
+"""Agent actions: what cacheagent does for each Triton repository-agent action.
+
+The worker bridge calls :func:`handle` once per action. Nothing here lives
+only in memory that matters later: leases and snapshots are in the cache
+directory, because Triton may unload the agent (and so the worker) at any
+time.
+
+- LOAD of a cloud model (or of any model with a ``source`` parameter): fetch
+  through the cache, lease the snapshot for this Triton process, and answer
+  with its directory. LOAD of a local model: leave it untouched.
+- LOAD_FAIL: release the lease.
+- UNLOAD_COMPLETE: release the lease and run eviction. It also fires at every
+  shutdown, so by default the snapshot stays cached for the next start.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .cache import Cache, LeaseSpec, Snapshot
+from .fetch import FetchSettings
+from .params import AgentParams, parse_params
+from .sizes import format_size
+from .versions import policy_selector
+
+LogFn = Callable[[str, str], None]
+
+# The worker is long-lived: reuse open caches (their SQLite handles) across actions.
+_CACHES: dict[Path, Cache] = {}
+
+
+def handle(request: dict[str, Any], log: LogFn) -> str | None:
+    """Run one agent action; return the local directory Triton must load from, or None."""
+    action = str(request.get("action", ""))
+    model = model_name(request)
+    params = parse_params(request.get("params") or {}, model)
+    if action == "LOAD":
+        return _load(request, params, model, log)
+    if action == "LOAD_FAIL":
+        _release(request, params, log, evict=False)
+    elif action == "UNLOAD_COMPLETE":
+        _release(request, params, log, evict=True)
+    return None
+
+
+def model_name(request: dict[str, Any]) -> str:
+    """The model's name: from its config when Triton sent it, else the location's last part."""
+    config = request.get("config") or {}
+    name = config.get("name") if isinstance(config, dict) else None
+    return str(name or os.path.basename(str(request.get("location", "")).rstrip("/")) or "?")
+
+
+def lease_id(request: dict[str, Any]) -> str:
+    """The lease of one Triton model lifecycle: its server process and agent-model handle."""
+    return f"triton-{request.get('server_pid', 0)}-{request.get('handle', '')}"
+
+
+def cache_for(params: AgentParams) -> Cache:
+    """The open cache for these parameters, reusing one per directory."""
+    cache = _CACHES.get(params.cache_dir)
+    if cache is None:
+        cache = Cache(params.cache_dir)
+        _CACHES[params.cache_dir] = cache
+    cache.max_size = params.max_size
+    cache.verify_mode = params.verify
+    cache.stale_if_error = params.stale_if_error
+    cache.fetch_settings = FetchSettings(params.concurrency, params.part_size)
+    return cache
+
+
+def _load(request: dict[str, Any], params: AgentParams, model: str, log: LogFn) -> str | None:
+    if params.source is None and request.get("artifact_type") != "REMOTE_FILESYSTEM":
+        log("VERBOSE", f"cacheagent: model '{model}' is local; loading it untouched")
+        return None
+    location = params.source or str(request.get("location", ""))
+    config = request.get("config") if isinstance(request.get("config"), dict) else None
+    select = policy_selector(config) if params.versions == "policy" else None
+    cache = cache_for(params)
+    pid = int(request.get("server_pid") or os.getppid())
+    snapshot = cache.fetch(
+        location, select=select, model=model, lease=LeaseSpec(lease_id(request), pid, model)
+    )
+    log("INFO", load_line(model, snapshot))
+    if snapshot.stale:
+        log("WARN", f"cacheagent: model '{model}': {snapshot.warning}")
+    return str(snapshot.path)
+
+
+def load_line(model: str, snapshot: Snapshot) -> str:
+    """The one log line per LOAD: model, outcome, bytes fetched, seconds."""
+    outcome = "STALE" if snapshot.stale else "HIT" if snapshot.hit else "MISS"
+    return (
+        f"cacheagent: model '{model}' {outcome}: {format_size(snapshot.bytes_fetched)} fetched "
+        f"({snapshot.files_fetched} of {snapshot.files} files, {format_size(snapshot.size)} total) "
+        f"in {snapshot.seconds:.3f} s from {snapshot.source} -> {snapshot.path}"
+    )
+
+
+def _release(request: dict[str, Any], params: AgentParams, log: LogFn, *, evict: bool) -> None:
+    cache = cache_for(params)
+    released = cache.release(lease_id(request))
+    if not evict:
+        return
+    if released is not None and params.on_unload == "evict":
+        cache.remove(released.key)
+    report = cache.evict()
+    if report.evicted:
+        log(
+            "INFO",
+            f"cacheagent: evicted {len(report.evicted)} snapshot(s), freed "
+            f"{format_size(report.freed_bytes)}; cache now {format_size(report.size_after)}"
+            + (f" of {format_size(params.max_size)}" if params.max_size else ""),
+        )

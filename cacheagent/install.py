@@ -1,0 +1,107 @@
+"""Install the cacheagent repository agent where tritonserver looks for it.
+
+``install_triton(DIR)`` (the CLI's ``cacheagent install-triton --repoagent-dir DIR``)
+puts two files in ``DIR/cacheagent/``:
+
+- ``libtritonrepoagent_cacheagent.so``: the C shim, copied from this package
+  (``pip install`` builds it into ``cacheagent/_lib/``);
+- ``cacheagent-worker``: a two-line launcher the shim executes to start the
+  Python worker, pinned to the Python that ran the install (override at run
+  time with ``CACHEAGENT_PYTHON``).
+
+Then start ``tritonserver --repoagent-directory=DIR``. Both files are replaced
+atomically, so reinstalling under a running Triton is safe: a worker started
+later simply uses the new launcher.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from .errors import CacheAgentError
+
+AGENT_NAME = "cacheagent"
+LIBRARY_NAME = f"libtritonrepoagent_{AGENT_NAME}.so"
+LAUNCHER_NAME = "cacheagent-worker"
+
+
+class InstallError(CacheAgentError, OSError):
+    """The agent cannot be installed into Triton's repository-agent directory."""
+
+
+def shim_library() -> Path:
+    """Path of the shim built into this installed package; raises InstallError if absent."""
+    path = Path(__file__).resolve().parent / "_lib" / LIBRARY_NAME
+    if not path.is_file():
+        raise InstallError(
+            f"the Triton shim {path} is missing from the installed cacheagent package; "
+            "reinstall it from source with a C compiler available (pip install .), "
+            "on Linux"
+        )
+    return path
+
+
+def launcher_script(python: str) -> str:
+    """The launcher's text: run the worker with ``python`` unless CACHEAGENT_PYTHON is set."""
+    quoted = python.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$")
+    quoted = quoted.replace("`", "\\`")
+    return (
+        "#!/bin/sh\n"
+        "# Started by libtritonrepoagent_cacheagent.so; written by `cacheagent install-triton`.\n"
+        f'exec "${{CACHEAGENT_PYTHON:-{quoted}}}" -m cacheagent.worker "$@"\n'
+    )
+
+
+def _atomic_write(target: Path, data: bytes, mode: int) -> None:
+    """Create ``target`` with ``data`` through a temp file in the same dir and a rename."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fchmod(out.fileno(), mode)
+            os.fsync(out.fileno())
+        # Rename, never overwrite in place: a running Triton may have the old .so mapped.
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def install_triton(repoagent_dir: Path, python: str = sys.executable) -> Path:
+    """Install the agent under ``repoagent_dir``; return the installed library's path.
+
+    ``repoagent_dir`` is what tritonserver gets as ``--repoagent-directory``; it is
+    created if missing. ``python`` is the interpreter the worker runs with (it must
+    have cacheagent installed); the default is the one running this function.
+    """
+    library = shim_library()
+    if not python or not os.path.isabs(python):
+        raise InstallError(f"the worker's Python must be an absolute path, got {python!r}")
+    if not (os.path.isfile(python) and os.access(python, os.X_OK)):
+        raise InstallError(f"the worker's Python {python} does not exist or is not executable")
+    target_dir = Path(repoagent_dir).absolute() / AGENT_NAME
+    try:
+        target_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InstallError(
+            f"cannot create {target_dir}: {exc.strerror or exc}; choose a writable "
+            "--repoagent-dir (and pass the same one to tritonserver --repoagent-directory)"
+        ) from exc
+    if not os.access(target_dir, os.W_OK | os.X_OK):
+        raise InstallError(
+            f"{target_dir} is not writable by this user; choose a writable --repoagent-dir "
+            "or run the install as its owner"
+        )
+    target = target_dir / LIBRARY_NAME
+    try:
+        _atomic_write(target, library.read_bytes(), 0o755)
+        _atomic_write(target_dir / LAUNCHER_NAME, launcher_script(python).encode(), 0o755)
+    except OSError as exc:
+        raise InstallError(f"cannot install into {target_dir}: {exc}") from exc
+    return target

@@ -1,0 +1,144 @@
+"""Talking to storage: list a model directory and read byte ranges, with bounded retries.
+
+Every storage failure leaves this module as one of the package's errors,
+worded for an operator, with secrets scrubbed from anything quoted.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+import fsspec
+
+from .errors import (
+    CacheAgentError,
+    RemoteAccessDeniedError,
+    RemoteChangedError,
+    RemoteNotFoundError,
+    StorageUnavailableError,
+)
+from .location import Location
+from .manifest import Manifest, build_manifest
+
+T = TypeVar("T")
+# Bounded backoff on top of each SDK's own (also bounded, see clients.py).
+# Listing is what decides between a fresh and a stale-if-error snapshot, so
+# it gives up sooner than a download, which has already made progress.
+RETRY_DELAYS = (0.25, 1.0, 3.0)
+LIST_RETRY_DELAYS = (0.5,)
+
+
+def list_manifest(
+    location: Location,
+    fs: fsspec.AbstractFileSystem | None = None,
+    select: Callable[[Iterable[str]], set[str]] | None = None,
+) -> Manifest:
+    """List ``location`` recursively (one listing) and build its manifest."""
+    fs = fs or location.filesystem()
+
+    def listing() -> dict[str, dict[str, Any]]:
+        if location.is_remote:
+            # A listing must reflect storage now, not fsspec's memory of it.
+            fs.invalidate_cache()
+        return fs.find(location.root, detail=True, withdirs=False)
+
+    found = with_retries(listing, location, "list", LIST_RETRY_DELAYS)
+    manifest = build_manifest(location.url, location.root, found, select)
+    if not manifest.files:
+        raise RemoteNotFoundError(
+            f"no model files under {location.url}: the directory is empty, does not exist, or the "
+            "bucket/container is missing; check the repository path and the model name"
+        )
+    return manifest
+
+
+def read_range(
+    fs: fsspec.AbstractFileSystem, location: Location, relpath: str, start: int, end: int
+) -> bytes:
+    """Read bytes [start, end) of a file below ``location``; exactly that many or an error."""
+    path = f"{location.root}/{relpath}"
+
+    def read() -> bytes:
+        return fs.cat_file(path, start=start, end=end)
+
+    data = with_retries(read, location, f"read {relpath}")
+    if len(data) != end - start:
+        raise RemoteChangedError(
+            f"{location.url}/{relpath} returned {len(data)} bytes for a {end - start}-byte range: "
+            "the object changed while it was being downloaded; retry the load"
+        )
+    return data
+
+
+def with_retries(
+    call: Callable[[], T],
+    location: Location,
+    what: str,
+    delays: tuple[float, ...] | None = None,
+) -> T:
+    """Run ``call``, retrying transient storage errors with bounded backoff."""
+    delays = RETRY_DELAYS if delays is None else delays
+    for attempt in range(len(delays) + 1):
+        try:
+            return call()
+        except Exception as exc:
+            error = translate_error(exc, location, what, len(delays) + 1)
+            if not isinstance(error, StorageUnavailableError) or attempt == len(delays):
+                raise error from None
+            time.sleep(delays[attempt])
+    raise AssertionError("unreachable")
+
+
+def translate_error(
+    exc: BaseException, location: Location, what: str, attempts: int = 1
+) -> CacheAgentError:
+    """Map a storage client's exception onto the package's errors, secrets scrubbed."""
+    if isinstance(exc, CacheAgentError):
+        return exc
+    detail = scrub(f"{type(exc).__name__}: {exc}", location)[:300]
+    if isinstance(exc, FileNotFoundError):
+        return RemoteNotFoundError(
+            f"{what} failed: {location.url} was not found ({detail}); check that the bucket or "
+            "container exists and the path is right"
+        )
+    if isinstance(exc, PermissionError):
+        return RemoteAccessDeniedError(
+            f"{what} failed: access to {location.url} was denied ({detail}); check the "
+            "credentials (environment variables or TRITON_CLOUD_CREDENTIAL_PATH) and their rights"
+        )
+    return StorageUnavailableError(
+        f"{what} failed: storage for {location.url} is unreachable or failing ({detail}) after "
+        f"{attempts} attempt(s); check the endpoint, network and storage status"
+    )
+
+
+def scrub(text: str, location: Location) -> str:
+    """Replace every secret of the location's storage options in ``text`` with ***."""
+    for secret in _secrets(location.storage_options):
+        text = text.replace(secret, "***")
+    return text
+
+
+def _secrets(options: dict[str, Any]) -> list[str]:
+    found: list[str] = []
+    for key, value in options.items():
+        if isinstance(value, dict):
+            found.extend(_secrets(value))
+        elif (
+            isinstance(value, str)
+            and key
+            in {
+                "secret",
+                "key",
+                "token",
+                "account_key",
+                "connection_string",
+                "sas_token",
+                "credential",
+            }
+            and len(value) >= 4
+        ):
+            found.append(value)
+    return sorted(found, key=len, reverse=True)

@@ -1,0 +1,98 @@
+"""The agent actions as the worker calls them, on real directories (no Triton here)."""
+
+import os
+
+import pytest
+
+from cacheagent import actions
+from cacheagent.errors import InvalidParameterError
+
+
+def request(action, location, cache_dir, artifact="REMOTE_FILESYSTEM", **params):
+    return {
+        "action": action,
+        "artifact_type": artifact,
+        "location": str(location),
+        "handle": "0xabc",
+        "server_pid": os.getpid(),
+        "params": {"cache_dir": str(cache_dir), **params},
+        "config": {"name": "add"} if action == "LOAD" else None,
+    }
+
+
+@pytest.fixture
+def logs():
+    lines = []
+    yield lines
+    actions._CACHES.clear()
+
+
+def make_model(root):
+    for version in ("1", "2"):
+        (root / version).mkdir(parents=True)
+        (root / version / "model.py").write_text(f"# v{version}")
+    (root / "config.pbtxt").write_text("name: 'add'")
+    return root
+
+
+def test_local_model_is_left_untouched(tmp_path, logs):
+    model = make_model(tmp_path / "add")
+    out = actions.handle(
+        request("LOAD", model, tmp_path / "c", artifact="FILESYSTEM"), lambda *a: logs.append(a)
+    )
+    assert out is None
+
+
+def test_source_parameter_fetches_even_for_a_local_stub(tmp_path, logs):
+    model = make_model(tmp_path / "remote")
+    out = actions.handle(
+        request(
+            "LOAD", tmp_path / "stub", tmp_path / "c", artifact="FILESYSTEM", source=str(model)
+        ),
+        lambda *a: logs.append(a),
+    )
+    assert out and (tmp_path / "c") in __import__("pathlib").Path(out).parents
+
+
+def test_load_logs_one_line_and_leases_then_unload_releases(tmp_path, logs):
+    model = make_model(tmp_path / "add")
+    log = lambda level, msg: logs.append((level, msg))  # noqa: E731
+    path = actions.handle(request("LOAD", model, tmp_path / "c"), log)
+    assert sorted(os.listdir(path)) == ["2", "config.pbtxt"]  # default policy: latest 1
+    info = [m for lvl, m in logs if lvl == "INFO"]
+    assert len(info) == 1 and "model 'add' MISS" in info[0] and " s from " in info[0]
+    cache = actions.cache_for(actions.parse_params({"cache_dir": str(tmp_path / "c")}, "add"))
+    assert [lease.model for lease in cache.leases()] == ["add"]
+    actions.handle(request("UNLOAD_COMPLETE", model, tmp_path / "c"), log)
+    assert cache.leases() == []
+    assert os.path.isdir(path)  # kept across restarts by default
+    logs.clear()
+    actions.handle(request("LOAD", model, tmp_path / "c"), log)
+    assert "HIT" in logs[0][1]
+
+
+def test_versions_all_and_on_unload_evict(tmp_path, logs):
+    model = make_model(tmp_path / "add")
+    log = lambda level, msg: logs.append((level, msg))  # noqa: E731
+    path = actions.handle(
+        request("LOAD", model, tmp_path / "c", versions="all", on_unload="evict"), log
+    )
+    assert sorted(os.listdir(path)) == ["1", "2", "config.pbtxt"]
+    actions.handle(
+        request("UNLOAD_COMPLETE", model, tmp_path / "c", versions="all", on_unload="evict"), log
+    )
+    assert not os.path.exists(path)
+
+
+def test_load_fail_releases_lease(tmp_path, logs):
+    model = make_model(tmp_path / "add")
+    actions.handle(request("LOAD", model, tmp_path / "c"), lambda *a: None)
+    actions.handle(request("LOAD_FAIL", model, tmp_path / "c"), lambda *a: None)
+    cache = actions.cache_for(actions.parse_params({"cache_dir": str(tmp_path / "c")}, "add"))
+    assert cache.leases() == []
+
+
+def test_bad_parameter_fails_the_load(tmp_path, logs):
+    model = make_model(tmp_path / "add")
+    with pytest.raises(InvalidParameterError, match=r"model 'add'.*'max_size'"):
+        actions.handle(request("LOAD", model, tmp_path / "c", max_size="huge"), lambda *a: None)
