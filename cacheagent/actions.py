@@ -23,7 +23,9 @@ from typing import Any
 from .cache import Cache, LeaseSpec, Snapshot
 from .fetch import FetchSettings
 from .params import AgentParams, parse_params
+from .prefetch import Prefetcher
 from .sizes import format_size
+from .stub import remote_config_changed
 from .versions import policy_selector
 
 LogFn = Callable[[str, str], None]
@@ -71,6 +73,9 @@ def cache_for(params: AgentParams) -> Cache:
     return cache
 
 
+PREFETCHER = Prefetcher(cache_for)
+
+
 def _load(request: dict[str, Any], params: AgentParams, model: str, log: LogFn) -> str | None:
     if params.source is None and request.get("artifact_type") != "REMOTE_FILESYSTEM":
         log("VERBOSE", f"cacheagent: model '{model}' is local; loading it untouched")
@@ -86,7 +91,21 @@ def _load(request: dict[str, Any], params: AgentParams, model: str, log: LogFn) 
     log("INFO", load_line(model, snapshot))
     if snapshot.stale:
         log("WARN", f"cacheagent: model '{model}': {snapshot.warning}")
+    if params.source and request.get("artifact_type") == "FILESYSTEM":
+        _warn_if_stub_outdated(str(request.get("location", "")), snapshot, model, log)
+    if params.prefetch:
+        PREFETCHER.after_load(str(request.get("location", "")), model)
     return str(snapshot.path)
+
+
+def _warn_if_stub_outdated(stub_dir: str, snapshot: Snapshot, model: str, log: LogFn) -> None:
+    try:
+        stub_text = (Path(stub_dir) / "config.pbtxt").read_text()
+    except (OSError, UnicodeDecodeError):
+        return
+    warning = remote_config_changed(stub_text, snapshot.path)
+    if warning:
+        log("WARN", f"cacheagent: model '{model}': {warning}")
 
 
 def load_line(model: str, snapshot: Snapshot) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import threading
 import time
@@ -76,7 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true", help="print JSON")
 
     stats = _command(commands, "stats", cmd_stats, "show hit ratio, bytes saved, cache size")
-    stats.add_argument("--json", action="store_true", help="print JSON")
+    stats.add_argument("--json", action="store_true", help="print JSON (same as --format json)")
+    stats.add_argument(
+        "--format", choices=("text", "json", "prometheus"), default=None, help="output format"
+    )
+    stats.add_argument(
+        "--output",
+        type=Path,
+        help="write to this file atomically (e.g. for node-exporter's textfile collector)",
+    )
+    stats.add_argument(
+        "--top", type=_int_arg("--top", 0, 1000), default=5, help="snapshots to list (default 5)"
+    )
     stats.add_argument("--max-size", type=_size_arg("--max-size"), help="budget to report against")
 
     evict = _command(commands, "evict", cmd_evict, "evict least-recently-used snapshots")
@@ -95,6 +107,27 @@ def build_parser() -> argparse.ArgumentParser:
     verify = _command(commands, "verify", cmd_verify, "re-hash every blob; repair corruption")
     verify.add_argument("--no-repair", action="store_true", help="report only")
     verify.add_argument("--json", action="store_true", help="print JSON")
+
+    stub = _command(
+        commands,
+        "stub",
+        cmd_stub,
+        "write a local stub repository (configs only) whose models the agent fetches from LOCATION",
+    )
+    stub.add_argument("location", help="the cloud model repository (s3://, gs://, as://, path)")
+    stub.add_argument("--out", type=Path, required=True, help="directory to write the stub into")
+    stub.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="agent parameter for every model (repeatable), e.g. --param max_size=200GiB",
+    )
+    stub.add_argument("--json", action="store_true", help="print JSON")
+
+    check = _command(commands, "check", cmd_check, "lint a model repository (local or cloud)")
+    check.add_argument("location", help="a model repository or one model directory")
+    check.add_argument("--json", action="store_true", help="print JSON")
 
     install = commands.add_parser(
         "install-triton",
@@ -227,9 +260,13 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    """Show counters and sizes."""
+    """Show counters and sizes (text, JSON or Prometheus), optionally into a file."""
+    fmt = args.format or ("json" if args.json else "text")
     with _open(args, max_size=args.max_size) as cache:
         stats = cache.stats()
+        snapshots = cache.snapshots()
+    top_size = sorted(snapshots, key=lambda r: r.size, reverse=True)[: args.top]
+    top_recent = snapshots[: args.top]
     data = {
         **stats.counters,
         "hit_ratio": round(stats.hit_ratio, 4),
@@ -239,8 +276,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
         "blobs": stats.blobs,
         "live_leases": stats.live_leases,
     }
+    data["top_by_size"] = [_snapshot_brief(r) for r in top_size]
+    data["top_by_last_use"] = [_snapshot_brief(r) for r in top_recent]
     budget = f" of {format_size(stats.max_size)}" if stats.max_size else ""
-    text = "\n".join(
+    lines = (
         [
             f"hit ratio        {stats.hit_ratio:.1%} ({stats.counters['hits']} hits, "
             f"{stats.counters['misses']} misses, {stats.counters['stale_served']} stale)",
@@ -251,9 +290,79 @@ def cmd_stats(args: argparse.Namespace) -> int:
             f"cache size       {format_size(stats.size)}{budget} in {stats.blobs} blobs, "
             f"{stats.snapshots} snapshots, {stats.live_leases} live leases",
         ]
+        + (["", "largest snapshots:"] if top_size else [])
+        + [f"  {format_size(r.size):>10}  {r.model:20} {r.source}" for r in top_size]
+        + (["", "most recently used:"] if top_recent else [])
+        + [f"  {_when(r.last_used)}  {r.model:20} {r.source}" for r in top_recent]
     )
-    _emit(args, data, text)
+    if fmt == "prometheus":
+        output = prometheus_text(data)
+    elif fmt == "json":
+        output = json.dumps(data, default=str)
+    else:
+        output = "\n".join(lines)
+    if args.output:
+        _write_atomically(args.output, output + "\n")
+    else:
+        print(output)
     return EXIT_OK
+
+
+def _when(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+
+
+def _snapshot_brief(record: Any) -> dict[str, Any]:
+    return {
+        "key": record.key,
+        "model": record.model,
+        "source": record.source,
+        "size": record.size,
+        "last_used": record.last_used,
+    }
+
+
+PROMETHEUS_COUNTERS = {
+    "hits": "Snapshot lookups served from the cache",
+    "misses": "Snapshot lookups that fetched from storage",
+    "stale_served": "Loads served a possibly stale snapshot because storage was unreachable",
+    "bytes_fetched": "Bytes of model files downloaded from storage",
+    "bytes_served_from_cache": "Bytes of model files served from the cache instead of storage",
+    "evictions": "Snapshots evicted to keep the cache within budget",
+    "bytes_evicted": "Bytes of snapshots evicted",
+    "corrupt_repaired": "Corrupt snapshots detected and dropped for re-fetch",
+}
+PROMETHEUS_GAUGES = {
+    "size": ("cache_size_bytes", "Bytes the cache holds on disk"),
+    "max_size": ("cache_max_size_bytes", "The cache budget (absent when unlimited)"),
+    "snapshots": ("snapshots", "Snapshots in the cache"),
+    "blobs": ("blobs", "Distinct blobs in the cache"),
+    "live_leases": ("live_leases", "Snapshots leased by running processes"),
+    "hit_ratio": ("hit_ratio", "Hits over hits plus misses"),
+}
+
+
+def prometheus_text(data: dict[str, Any]) -> str:
+    """The stats in Prometheus text exposition format (counters and gauges)."""
+    lines: list[str] = []
+    for key, help_text in PROMETHEUS_COUNTERS.items():
+        metric = f"cacheagent_{key}_total"
+        lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} counter"]
+        lines.append(f"{metric} {int(data.get(key, 0))}")
+    for key, (name, help_text) in PROMETHEUS_GAUGES.items():
+        if data.get(key) is None:
+            continue
+        metric = f"cacheagent_{name}"
+        lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} gauge", f"{metric} {data[key]}"]
+    return "\n".join(lines)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    # A collector must never read half a file: write beside it, then rename.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temp.write_text(text)
+    os.replace(temp, path)
 
 
 def cmd_evict(args: argparse.Namespace) -> int:
@@ -326,6 +435,38 @@ def cmd_verify(args: argparse.Namespace) -> int:
         text,
     )
     return EXIT_CORRUPT if bad and not report.repaired else EXIT_OK
+
+
+def cmd_stub(args: argparse.Namespace) -> int:
+    """Write a stub repository of LOCATION's configs into --out."""
+    from .stub import write_stub
+
+    params = {}
+    for item in args.param:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidParameterError(f"--param {item!r}: use KEY=VALUE, e.g. max_size=200GiB")
+        params[key.strip()] = value.strip()
+    if args.cache_dir:
+        params.setdefault("cache_dir", str(args.cache_dir.absolute()))
+    report = write_stub(args.location, args.out, params)
+    lines = [f"wrote {args.out / name / 'config.pbtxt'}" for name in report.written]
+    lines += [f"skipped {name}: {why}" for name, why in report.skipped.items()]
+    lines.append(
+        f"{len(report.written)} model(s) stubbed; start Triton with "
+        f"--model-repository={args.out.absolute()} and the agent installed"
+    )
+    _emit(args, {"written": report.written, "skipped": report.skipped}, "\n".join(lines))
+    return EXIT_OK if report.written else EXIT_ERROR
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Lint a repository; exit 1 on errors."""
+    from .check import check_repository, format_report, report_json
+
+    report = check_repository(args.location)
+    _emit(args, report_json(report), format_report(report))
+    return EXIT_OK if report.ok else EXIT_ERROR
 
 
 def cmd_install_triton(args: argparse.Namespace) -> int:

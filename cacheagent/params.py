@@ -44,6 +44,8 @@ PARAMETERS: dict[str, str] = {
     "version_policy loads) or all",
     "on_unload": "what UNLOAD_COMPLETE does with the model's snapshot: keep (default; it "
     "stays cached across restarts until evicted for space) or evict",
+    "prefetch": "on the first LOAD of a repository, fetch its other cacheagent models in the "
+    "background: true (default) or false",
     "source": f"fetch the model from this location instead of Triton's ({ACCEPTED_FORMS})",
 }
 
@@ -60,6 +62,7 @@ class AgentParams:
     part_size: int = DEFAULT_PART_SIZE
     versions: str = "policy"
     on_unload: str = "keep"
+    prefetch: bool = True
     source: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -111,7 +114,7 @@ def _parse_one(key: str, text: str, model: str, env: Mapping[str, str]) -> objec
         if not text.isdigit() or not 1 <= int(text) <= MAX_CONCURRENCY:
             raise _bad(model, key, text)
         return int(text)
-    if key == "stale_if_error":
+    if key in ("stale_if_error", "prefetch"):
         if text.lower() not in _BOOLS:
             raise _bad(model, key, text)
         return _BOOLS[text.lower()]

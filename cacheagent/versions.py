@@ -35,7 +35,9 @@ def selected_versions(policy: Mapping[str, Any] | None, available: Iterable[int]
     if "all" in policy:
         return set(versions)
     if "specific" in policy:
-        wanted = {int(v) for v in (policy["specific"] or {}).get("versions", [])}
+        listed = (policy["specific"] or {}).get("versions", [])
+        # Triton's JSON gives a list; a parsed config.pbtxt gives one value when only one is set.
+        wanted = {int(v) for v in (listed if isinstance(listed, list) else [listed])}
         return wanted & set(versions)
     latest = policy.get("latest") or {}
     count = int(latest.get("num_versions", 1) or 1)

@@ -39,6 +39,7 @@ BAD = [
     ("max_size", "-1GB"),
     ("verify", "sha256"),
     ("stale_if_error", "maybe"),
+    ("prefetch", "sometimes"),
     ("concurrency", "0"),
     ("concurrency", "65"),
     ("concurrency", "four"),

@@ -1,0 +1,150 @@
+"""Background prefetch: fetch a repository's other cacheagent models while Triton is busy.
+
+Triton calls LOAD for one model after another on its main thread, and does
+its own listing of each model in between, so an agent that only fetches
+inside LOAD makes a cold start of N models cost the sum of N downloads.
+When the worker has answered the first LOAD of a repository, it lists that
+repository's other model directories, reads their config.pbtxt, and fetches
+those that name cacheagent (with their own parameters and version policy),
+a few at a time. Their own LOADs then find the snapshot ready, or wait on the
+snapshot lock for the download already under way instead of starting another.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from . import pbtxt
+from .cache import Cache
+from .errors import CacheAgentError
+from .location import Location, parse_location
+from .params import AgentParams, parse_params
+from .versions import policy_selector
+
+AGENT_NAME = "cacheagent"
+DEFAULT_PARALLEL_MODELS = 2
+
+
+def agent_parameters(config: pbtxt.Message) -> dict[str, str] | None:
+    """The cacheagent parameters of a parsed config.pbtxt, or None if it does not name it."""
+    agents_section = config.message("model_repository_agents")
+    if agents_section is None:
+        return None
+    for agent in agents_section.all("agents"):
+        if isinstance(agent, pbtxt.Message) and agent.first("name") == AGENT_NAME:
+            params: dict[str, str] = {}
+            for param in agent.all("parameters"):
+                if isinstance(param, pbtxt.Message):
+                    params[str(param.first("key", ""))] = str(param.first("value", ""))
+            return params
+    return None
+
+
+def config_json(config: pbtxt.Message) -> dict[str, Any]:
+    """The parts of a parsed config.pbtxt the agent uses, shaped like Triton's JSON config."""
+    out: dict[str, Any] = {}
+    name = config.first("name")
+    if isinstance(name, str):
+        out["name"] = name
+    policy = config.message("version_policy")
+    if policy is not None:
+        out["version_policy"] = policy.to_python()
+    return out
+
+
+class Prefetcher:
+    """Starts at most one background prefetch per repository for the worker's lifetime."""
+
+    def __init__(
+        self,
+        cache_for: Callable[[AgentParams], Cache],
+        parallel_models: int = DEFAULT_PARALLEL_MODELS,
+    ) -> None:
+        self._cache_for = cache_for
+        self._slots = threading.Semaphore(parallel_models)
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+        self.threads: list[threading.Thread] = []
+
+    def after_load(self, model_location: str, model: str) -> bool:
+        """Prefetch the siblings of ``model`` unless its repository was seen; True if started."""
+        repository = model_location.rstrip("/").rsplit("/", 1)[0]
+        with self._lock:
+            if not repository or repository in self._seen:
+                return False
+            self._seen.add(repository)
+        thread = threading.Thread(
+            target=self._prefetch_repository,
+            args=(repository, model),
+            name=f"cacheagent-prefetch-{model}",
+            daemon=True,  # never keeps a worker alive that Triton has let go
+        )
+        self.threads.append(thread)
+        thread.start()
+        return True
+
+    def _prefetch_repository(self, repository: str, loaded: str) -> None:
+        try:
+            repo = parse_location(repository)
+            fs = repo.filesystem()
+            entries = fs.ls(repo.root, detail=True)
+        except Exception as exc:  # a background nicety must never take the worker down
+            _note(f"prefetch: cannot list {repository}: {exc}")
+            return
+        names = sorted(
+            entry["name"].rstrip("/").rsplit("/", 1)[-1]
+            for entry in entries
+            if entry.get("type") == "directory"
+        )
+        workers = []
+        for name in names:
+            if name == loaded:
+                continue
+            worker = threading.Thread(target=self._prefetch_model, args=(repo, name), daemon=True)
+            workers.append(worker)
+            worker.start()
+        for worker in workers:
+            worker.join()
+
+    def _prefetch_model(self, repo: Location, name: str) -> None:
+        with self._slots:
+            try:
+                self._fetch_sibling(repo, name)
+            except CacheAgentError as exc:
+                # The model's own LOAD will report this properly, in Triton's log.
+                _note(f"prefetch of model '{name}' skipped: {exc}")
+            except Exception as exc:
+                _note(f"prefetch of model '{name}' failed: {type(exc).__name__}: {exc}")
+
+    def _fetch_sibling(self, repo: Location, name: str) -> None:
+        model = repo.child(name)
+        fs = model.filesystem()
+        try:
+            text = fs.cat_file(f"{model.root}/config.pbtxt")
+        except FileNotFoundError:
+            return
+        config = pbtxt.parse(text)
+        raw = agent_parameters(config)
+        if raw is None:
+            return
+        params = parse_params(raw, name)
+        if not params.prefetch:
+            return
+        if params.source is None and not model.is_remote:
+            return  # a local model without a source is served untouched
+        select = policy_selector(config_json(config)) if params.versions == "policy" else None
+        location = params.source or model.url
+        snapshot = self._cache_for(params).fetch(location, select=select, model=name)
+        _note(
+            f"prefetched model '{name}': {'hit' if snapshot.hit else 'miss'}, "
+            f"{snapshot.bytes_fetched} bytes in {snapshot.seconds:.3f} s"
+        )
+
+
+def _note(message: str) -> None:
+    # Background work runs while no request is in flight, when the shim does
+    # not read the worker's stdout: stderr lands in Triton's console instead.
+    print(f"cacheagent: {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,1 @@
+"""The cacheagent demo: native Triton vs cacheagent (cold, then cached) on a local S3 emulator."""

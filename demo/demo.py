@@ -1,0 +1,156 @@
+"""Show what cacheagent does, with no cloud account: a local S3 emulator and a real Triton.
+
+It starts moto (S3) behind a counting proxy, uploads a sample model
+repository twice (once as Triton users have it, once with the cacheagent
+section in config.pbtxt), then starts Triton three times:
+
+1. native: Triton downloads the models from S3 itself;
+2. cacheagent, cold: the agent fetches them into an empty cache;
+3. cacheagent, cached: a restart, served from the cache.
+
+It prints seconds to READY, and the requests and bytes storage served, for each.
+
+Run: ``python -m demo.demo [--size-mb 256] [--models 2]`` (README's first command does it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from cacheagent.install import install_triton  # noqa: E402
+from cacheagent.sizes import format_size  # noqa: E402
+from tests.e2e.triton import (  # noqa: E402
+    MODEL_PY,
+    TritonServer,
+    model_config,
+    prepare_triton,
+    weights_bytes,
+)
+from tests.support.emulators import MotoS3, StorageRig  # noqa: E402
+
+
+def sample_model(name: str, size: int, agent_params: dict[str, str] | None) -> dict[str, bytes]:
+    """A python-backend model: OUTPUT0 = INPUT0 + weights, plus ``size`` bytes of parameters."""
+    weights = weights_bytes([1.0, 2.0, 3.0, 4.0])
+    params = np.random.default_rng(sum(name.encode())).integers(0, 2**63, size // 8 + 1, dtype=np.int64)
+    return {
+        "config.pbtxt": model_config(name, agent_params).encode(),
+        "1/model.py": MODEL_PY.encode(),
+        "1/weights.bin": weights,
+        "1/parameters.bin": params.tobytes()[:size],
+    }
+
+
+def timed_start(server: TritonServer, models: list[str]) -> float:
+    """Start Triton and return seconds until every model is ready."""
+    started = time.monotonic()
+    server.start()
+    server.wait_ready(timeout=600)
+    for name in models:
+        if not server.model_ready(name):
+            raise SystemExit(f"model {name} is not ready; Triton's log:\n{server.log_tail()}")
+    return time.monotonic() - started
+
+
+def check_inference(server: TritonServer, name: str) -> None:
+    """Fail loudly unless the model answers INPUT0 + [1, 2, 3, 4]."""
+    out = server.infer(name, "INPUT0", np.array([10, 20, 30, 40], dtype=np.float32))
+    got = out["OUTPUT0"].tolist()
+    if got != [11.0, 22.0, 33.0, 44.0]:
+        raise SystemExit(f"model {name} answered {got}, expected [11, 22, 33, 44]")
+
+
+def run(size: int, model_count: int, workdir: Path) -> list[tuple[str, float, int, int]]:
+    """Run the three starts; return (label, seconds, requests, bytes) rows."""
+    paths = prepare_triton()
+    repoagent_dir = workdir / "repoagents"
+    install_triton(repoagent_dir)
+    cache_dir = workdir / "cache"
+    names = [f"model{i}" for i in range(model_count)]
+    rows = []
+    with MotoS3() as s3, StorageRig(s3) as rig:
+        print(f"S3 emulator on {rig.endpoint}; uploading {model_count} models "
+              f"of {format_size(size)} twice (native and with cacheagent)...", flush=True)
+        agent = {"cache_dir": str(cache_dir)}
+        for name in names:
+            rig.put_tree(f"native/{name}", sample_model(name, size, None))
+            rig.put_tree(f"agent/{name}", sample_model(name, size, agent))
+        starts = [
+            ("Triton native (S3)", "native", None),
+            ("cacheagent, cold cache", "agent", repoagent_dir),
+            ("cacheagent, cached (restart)", "agent", repoagent_dir),
+        ]
+        for label, prefix, agent_dir in starts:
+            rig.proxy.reset()
+            server = TritonServer(
+                paths,
+                rig.url(prefix),
+                workdir / f"triton-{len(rows)}.log",
+                repoagent_dir=agent_dir,
+                model_control_mode="none",
+                env=rig.env,
+            )
+            try:
+                seconds = timed_start(server, names)
+                for name in names:
+                    check_inference(server, name)
+            finally:
+                server.stop()
+                server.cleanup()
+            records = rig.proxy.records()
+            rows.append((label, seconds, len(records), sum(r.response_bytes for r in records)))
+            print(f"  {label:30} READY in {seconds:6.2f} s", flush=True)
+    return rows
+
+
+def print_table(rows: list[tuple[str, float, int, int]]) -> None:
+    """The result table, with speed-up and saving against native."""
+    native_seconds, native_bytes = rows[0][1], rows[0][3]
+    print()
+    print(f"| {'start':30} | {'seconds to READY':>16} | {'requests':>8} | {'bytes from S3':>13} |"
+          f" {'vs native':>9} |")
+    print(f"|{'-' * 32}|{'-' * 18}:|{'-' * 9}:|{'-' * 14}:|{'-' * 10}:|")
+    for label, seconds, requests, nbytes in rows:
+        ratio = f"{native_seconds / seconds:.1f}x" if seconds else "-"
+        print(f"| {label:30} | {seconds:16.2f} | {requests:8d} | {format_size(nbytes):>13} |"
+              f" {ratio:>9} |")
+    cached = rows[-1]
+    print()
+    print(f"The cached start pulled {format_size(cached[3])} instead of {format_size(native_bytes)}"
+          " (listings and config.pbtxt only: zero bytes of model files).")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size-mb", type=int, default=256, help="parameter bytes per model")
+    parser.add_argument("--models", type=int, default=2, help="models in the repository")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = parser.parse_args(argv)
+    workdir = Path(tempfile.mkdtemp(prefix="cacheagent-demo-"))
+    try:
+        rows = run(args.size_mb * 1024 * 1024, args.models, workdir)
+        print_table(rows)
+    finally:
+        if args.keep:
+            print(f"work directory kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Install everything cacheagent's demo, tests and benchmarks need, into ./.venv
+# and ./node_modules. Idempotent; safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+# The editable install compiles the Triton agent shim (cacheagent/_lib/*.so).
+.venv/bin/python -m pip install --quiet -e ".[test]"
+
+# Azurite (Azure Blob emulator) for the Azure integration tests.
+if [ ! -x node_modules/.bin/azurite-blob ]; then
+    if ! command -v npm >/dev/null 2>&1; then
+        if command -v apt-get >/dev/null 2>&1; then
+            apt-get update -qq && apt-get install -y -qq nodejs npm >/dev/null
+        else
+            echo "npm is missing: install Node.js and npm, then run this again" >&2
+            exit 1
+        fi
+    fi
+    npm install --no-audit --no-fund --silent --no-save --prefix . azurite@3 >/dev/null
+fi
+echo "setup done: .venv and node_modules are ready"
