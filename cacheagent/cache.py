@@ -297,7 +297,9 @@ class Cache:
             for entry in missing:
                 self.index.remember_blob(_content_id(loc, entry), fetched[entry.path])
             digests = {**held, **fetched}
-            path = self.store.publish_snapshot(manifest.key, sorted(digests.items()))
+            path = self.store.publish_snapshot(
+                manifest.key, sorted(digests.items()), manifest.empty_dirs
+            )
             record = SnapshotRecord(
                 key=manifest.key,
                 source=loc.url,
@@ -310,6 +312,7 @@ class Cache:
                 created=time.time(),
                 last_used=time.time(),
                 versions=_versions(manifest),
+                empty_dirs=list(manifest.empty_dirs),
             )
             self.index.put_snapshot(record)
             self._take_lease(lease, record)
@@ -582,7 +585,9 @@ class Cache:
         record = self.index.get_snapshot(key)
         if record is None:
             return None
-        return manifest_from_records(record.source, [row[:4] for row in record.files])
+        return manifest_from_records(
+            record.source, [row[:4] for row in record.files], record.empty_dirs
+        )
 
 
 def _content_id(loc: Location, entry: FileEntry) -> str:
@@ -593,6 +598,7 @@ def _content_id(loc: Location, entry: FileEntry) -> str:
 
 def _versions(manifest: Manifest) -> list[str]:
     tops = {f.path.split("/", 1)[0] for f in manifest.files if "/" in f.path}
+    tops |= {d.split("/", 1)[0] for d in manifest.empty_dirs}
     return sorted((t for t in tops if t.isdigit()), key=int)
 
 

@@ -16,13 +16,18 @@ agent library; this does.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sqlite3
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import diskcache
+
+from .errors import CacheFullError
 
 COUNTERS = (
     "hits",
@@ -49,6 +54,7 @@ class SnapshotRecord:
     created: float
     last_used: float
     versions: list[str] = field(default_factory=list)
+    empty_dirs: list[str] = field(default_factory=list)
 
     def blobs(self) -> dict[str, str]:
         """Map each relative path to its blob digest."""
@@ -114,12 +120,13 @@ class Index:
 
     def put_snapshot(self, record: SnapshotRecord) -> None:
         """Record a published snapshot and make it its source's newest good one."""
-        self._snapshots.set(record.key, asdict(record))
-        self._sources.set(record.source, record.key)
+        with self._disk_full():
+            self._snapshots.set(record.key, asdict(record))
+            self._sources.set(record.source, record.key)
 
     def touch_snapshot(self, key: str) -> None:
-        """Mark a snapshot as used now (for LRU eviction)."""
-        with self._snapshots.transact():
+        """Mark a snapshot as used now (for LRU eviction); best effort on a full disk."""
+        with _best_effort(), self._snapshots.transact():
             raw = self._snapshots.get(key)
             if raw:
                 raw["last_used"] = time.time()
@@ -154,7 +161,8 @@ class Index:
 
     def remember_blob(self, content_id: str, digest: str) -> None:
         """Record that ``content_id`` is stored as blob ``digest``."""
-        self._contents.set(content_id, digest)
+        with self._disk_full():
+            self._contents.set(content_id, digest)
 
     def forget_blob(self, digest: str) -> int:
         """Drop every content identity that points at ``digest``; return how many."""
@@ -177,7 +185,8 @@ class Index:
     def add_lease(self, lease_id: str, key: str, pid: int, model: str) -> LeaseRecord:
         """Record that process ``pid`` uses snapshot ``key``."""
         record = LeaseRecord(lease_id, key, pid, process_start_time(pid), model, time.time())
-        self._leases.set(lease_id, asdict(record))
+        with self._disk_full():
+            self._leases.set(lease_id, asdict(record))
         return record
 
     def remove_lease(self, lease_id: str) -> LeaseRecord | None:
@@ -208,14 +217,43 @@ class Index:
     # -- counters ----------------------------------------------------------
 
     def count(self, name: str, amount: int = 1) -> None:
-        """Add ``amount`` to a node-wide counter (atomic across processes)."""
-        self._counters.incr(name, amount, default=0)
+        """Add ``amount`` to a node-wide counter (atomic across processes); best effort."""
+        with _best_effort():
+            self._counters.incr(name, amount, default=0)
 
     def counters(self) -> dict[str, int]:
         """Every counter, zero when never counted."""
         return {name: int(self._counters.get(name, 0)) for name in COUNTERS}
 
+    @contextlib.contextmanager
+    def _disk_full(self) -> Iterator[None]:
+        """Turn SQLite's "database or disk is full" into a CacheFullError that says what to do."""
+        try:
+            yield
+        except sqlite3.OperationalError as exc:
+            if not _is_disk_full(exc):
+                raise
+            raise CacheFullError(
+                f"the disk holding the cache index {self.root} is full, so the cache cannot "
+                "record what it holds; free space on that disk, lower max_size, or move cache_dir"
+            ) from None
+
     def clear(self) -> None:
         """Forget everything (used by purge)."""
         for table in (self._snapshots, self._sources, self._contents, self._leases, self._counters):
             table.clear()
+
+
+def _is_disk_full(exc: sqlite3.OperationalError) -> bool:
+    return "full" in str(exc).lower()
+
+
+@contextlib.contextmanager
+def _best_effort() -> Iterator[None]:
+    # Bookkeeping (last use, counters) must not fail a load that needs no new
+    # space, such as a hit on a full disk: skip it when SQLite cannot write.
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        if not _is_disk_full(exc):
+            raise

@@ -9,6 +9,7 @@ and atomic renames.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 from collections.abc import Iterator
@@ -18,7 +19,16 @@ from pathlib import Path
 @contextlib.contextmanager
 def file_lock(path: Path, *, shared: bool = False) -> Iterator[None]:
     """Hold an flock on ``path`` (created if missing) for the duration of the block."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        # A symlink planted in locks/ would make O_CREAT create (and flock open)
+        # its target outside the cache: drop the link itself and use a plain file.
+        os.unlink(path)
+        fd = os.open(path, flags, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         yield

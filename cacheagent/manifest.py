@@ -50,18 +50,21 @@ class Manifest:
 
     source: str
     files: tuple[FileEntry, ...]
+    # Directories that exist only as marker objects, with nothing below them:
+    # an ensemble's empty version directory "1/" is one, and Triton needs it.
+    empty_dirs: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:
         """The snapshot key: xxh3-128 of the canonical manifest (source plus sorted files)."""
-        canonical = json.dumps(
-            {
-                "format": MANIFEST_FORMAT,
-                "source": self.source,
-                "files": [[f.path, f.size, f.fingerprint] for f in self.files],
-            },
-            separators=(",", ":"),
-        )
+        content: dict[str, Any] = {
+            "format": MANIFEST_FORMAT,
+            "source": self.source,
+            "files": [[f.path, f.size, f.fingerprint] for f in self.files],
+        }
+        if self.empty_dirs:
+            content["empty_dirs"] = list(self.empty_dirs)
+        canonical = json.dumps(content, separators=(",", ":"))
         return xxhash.xxh3_128_hexdigest(canonical.encode())
 
     @property
@@ -109,21 +112,37 @@ def build_manifest(
     """
     prefix = root.rstrip("/") + "/"
     infos: dict[str, Mapping[str, Any]] = {}
+    markers: set[str] = set()
     for name, info in listing.items():
-        if _is_directory_marker(name, info) or not name.startswith(prefix):
+        if not name.startswith(prefix):
+            continue
+        if _is_directory_marker(name, info):
+            relpath = name[len(prefix) :].rstrip("/")
+            if relpath:
+                markers.add(validate_relpath(relpath, source))
             continue
         infos[validate_relpath(name[len(prefix) :], source)] = info
-    kept = set(infos) if select is None else select(infos)
+    candidates = list(infos) + [d + "/" for d in markers]
+    kept = set(candidates) if select is None else select(candidates)
     entries = [_entry(relpath, info) for relpath, info in infos.items() if relpath in kept]
     entries.sort(key=lambda e: e.path)
     _refuse_file_dir_clashes(entries, source)
-    return Manifest(source, tuple(entries))
+    dirs = {d for d in markers if d + "/" in kept and d not in infos}
+    empty = tuple(sorted(d for d in dirs if not _has_children(d, infos, dirs)))
+    return Manifest(source, tuple(entries), empty)
 
 
-def manifest_from_records(source: str, records: Iterable[Iterable[Any]]) -> Manifest:
+def _has_children(directory: str, files: Mapping[str, Any], dirs: set[str]) -> bool:
+    prefix = directory + "/"
+    return any(p.startswith(prefix) for p in files) or any(d.startswith(prefix) for d in dirs)
+
+
+def manifest_from_records(
+    source: str, records: Iterable[Iterable[Any]], empty_dirs: Iterable[str] = ()
+) -> Manifest:
     """Rebuild a manifest from ``[path, size, fingerprint, md5]`` rows stored in the index."""
     files = tuple(FileEntry(str(p), int(s), str(fp), md5) for p, s, fp, md5 in records)
-    return Manifest(source, files)
+    return Manifest(source, files, tuple(empty_dirs))
 
 
 def manifest_records(manifest: Manifest) -> list[list[Any]]:
@@ -132,7 +151,12 @@ def manifest_records(manifest: Manifest) -> list[list[Any]]:
 
 
 def _is_directory_marker(name: str, info: Mapping[str, Any]) -> bool:
-    return name.endswith("/") or info.get("type") == "directory"
+    metadata = info.get("metadata") or {}
+    folder = isinstance(metadata, Mapping) and (
+        str(metadata.get("is_directory", "")).lower() == "true"
+        or str(metadata.get("hdi_isfolder", "")).lower() == "true"
+    )
+    return name.endswith("/") or info.get("type") == "directory" or folder
 
 
 def _refuse_file_dir_clashes(entries: list[FileEntry], source: str) -> None:

@@ -42,11 +42,14 @@ def list_manifest(
         if location.is_remote:
             # A listing must reflect storage now, not fsspec's memory of it.
             fs.invalidate_cache()
-        return fs.find(location.root, detail=True, withdirs=False)
+        # Azure folder markers (hdi_isfolder blobs) are reported only as directories;
+        # S3 and GCS markers ("name/" objects) come with the files. Elsewhere inferred
+        # directories are left out: one could share its name with a file and hide it.
+        return fs.find(location.root, detail=True, withdirs=location.scheme == "as")
 
     found = with_retries(listing, location, "list", LIST_RETRY_DELAYS)
     manifest = build_manifest(location.url, location.root, found, select)
-    if not manifest.files:
+    if not manifest.files and not manifest.empty_dirs:
         raise RemoteNotFoundError(
             f"no model files under {location.url}: the directory is empty, does not exist, or the "
             "bucket/container is missing; check the repository path and the model name"

@@ -44,7 +44,12 @@ class GcResult:
 
 def ensure_private_dir(path: Path) -> None:
     """Create ``path`` 0700 if missing; refuse one that others could write or that we don't own."""
-    path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    try:
+        path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UnsafeCacheDirError(
+            f"cache directory {path} exists but is not a directory; point cache_dir at a directory"
+        ) from None
     info = path.lstat()
     if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
         raise UnsafeCacheDirError(
@@ -138,8 +143,18 @@ class Store:
         self.tmp_dir = root / "tmp"
         self.locks_dir = root / "locks"
         ensure_private_dir(root)
-        for directory in (self.blobs_dir, self.snapshots_dir, self.tmp_dir, self.locks_dir):
-            directory.mkdir(mode=DIR_MODE, exist_ok=True)
+        for directory in (
+            self.blobs_dir,
+            self.snapshots_dir,
+            self.tmp_dir,
+            self.locks_dir,
+            root / "index",
+        ):
+            # A subdirectory swapped for a symlink would make cleanup delete, and
+            # writes land, wherever it points: refuse it like an unsafe cache_dir.
+            with contextlib.suppress(FileExistsError):
+                directory.mkdir(mode=DIR_MODE)
+            ensure_private_dir(directory)
 
     # -- blobs -------------------------------------------------------------
 
@@ -148,12 +163,13 @@ class Store:
         return self.blobs_dir / digest[:2] / digest
 
     def has_blob(self, digest: str, size: int | None = None) -> bool:
-        """True if the blob exists (and has ``size`` bytes, when given)."""
+        """True if the blob exists as a regular file (and has ``size`` bytes, when given)."""
         try:
-            info = self.blob_path(digest).stat()
-        except FileNotFoundError:
+            # lstat: a symlink planted in blobs/ is no blob, whatever it points at.
+            info = self.blob_path(digest).lstat()
+        except (FileNotFoundError, NotADirectoryError):
             return False
-        return size is None or info.st_size == size
+        return stat.S_ISREG(info.st_mode) and (size is None or info.st_size == size)
 
     def new_blob(self, size: int) -> BlobWriter:
         """Start receiving a blob of ``size`` bytes into a unique temp file."""
@@ -162,15 +178,19 @@ class Store:
     def adopt_blob(self, temp: Path, digest: str) -> None:
         """Move a finished temp file into place under ``digest``; keep an existing copy."""
         target = self.blob_path(digest)
-        target.parent.mkdir(mode=DIR_MODE, exist_ok=True)
+        _ensure_real_dir(target.parent)
         try:
             # link() never replaces: if another process stored the same content
             # first, its inode (already linked from snapshots) stays the blob.
             os.link(temp, target)
         except FileExistsError:
-            pass
+            # ...unless what holds the name is damaged (wrong size) or no regular
+            # file at all: then the bytes we just verified take its place.
+            if not self.has_blob(digest, os.lstat(temp).st_size):
+                os.replace(temp, target)
         finally:
-            os.unlink(temp)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
 
     def remove_blob(self, digest: str) -> None:
         """Delete a blob (used when it is found corrupt)."""
@@ -178,9 +198,20 @@ class Store:
             os.unlink(self.blob_path(digest))
 
     def hash_file(self, path: Path) -> str:
-        """The xxh3-128 of a file's content (used by verification, never by fetching)."""
+        """The xxh3-128 of a file's content (used by verification, never by fetching).
+
+        A symlink is never followed: it hashes to "", which matches no digest.
+        """
         hasher = xxhash.xxh3_128()
-        with open(path, "rb") as handle:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return ""
+            raise
+        with open(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return ""
             while chunk := handle.read(HASH_CHUNK):
                 hasher.update(chunk)
         return hasher.hexdigest()
@@ -188,6 +219,8 @@ class Store:
     def iter_blobs(self) -> Iterator[tuple[str, os.stat_result]]:
         """Every blob as (digest, stat)."""
         for shard in _scandir(self.blobs_dir):
+            if not shard.is_dir(follow_symlinks=False):
+                continue  # a planted symlink must not make gc delete what it points at
             for entry in _scandir(Path(shard.path)):
                 if entry.is_file(follow_symlinks=False):
                     yield entry.name, entry.stat(follow_symlinks=False)
@@ -217,17 +250,24 @@ class Store:
         path = self.snapshot_path(key)
         return path.is_dir() and not path.is_symlink()
 
-    def publish_snapshot(self, key: str, files: Iterable[tuple[str, str]]) -> Path:
+    def publish_snapshot(
+        self, key: str, files: Iterable[tuple[str, str]], empty_dirs: Iterable[str] = ()
+    ) -> Path:
         """Assemble ``(relpath, digest)`` pairs in a temp dir and rename it into place."""
         temp = self.tmp_dir / f"{os.getpid()}-{uuid.uuid4().hex}.snap"
         temp.mkdir(mode=0o755)
         try:
+            for relpath in empty_dirs:
+                (temp / relpath).mkdir(mode=0o755, parents=True, exist_ok=True)
             for relpath, digest in files:
                 dest = temp / relpath
                 dest.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
                 self._link_or_copy(self.blob_path(digest), dest)
             _make_subdirs_read_only(temp)
             target = self.snapshot_path(key)
+            if os.path.lexists(target) and not _is_real_dir(target):
+                # Not ours (a planted symlink or file): drop the name, never its target.
+                _rmtree(target)
             try:
                 os.rename(temp, target)
             except OSError as exc:
@@ -300,6 +340,21 @@ def _make_subdirs_read_only(top: Path) -> None:
             os.chmod(dirpath, 0o555)
 
 
+def _is_real_dir(path: Path) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def _ensure_real_dir(path: Path) -> None:
+    """Make ``path`` a directory of ours, replacing a planted symlink or file."""
+    if os.path.lexists(path) and not _is_real_dir(path):
+        _rmtree(path)
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=DIR_MODE)
+
+
 def _scandir(path: Path) -> list[os.DirEntry[str]]:
     try:
         with os.scandir(path) as entries:
@@ -314,6 +369,11 @@ def _unlink(entry: os.DirEntry[str]) -> None:
 
 
 def _rmtree(path: Path) -> None:
+    if not _is_real_dir(path):
+        # A symlink (or file) goes by itself: os.walk would follow a symlink at the top.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return
     # Snapshot subdirectories are read-only (so backends cannot write beside
     # shared blobs); make each writable just before emptying it.
     for dirpath, _dirnames, _filenames in os.walk(path):

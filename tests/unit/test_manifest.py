@@ -92,3 +92,24 @@ def test_select_filters_paths():
         "s3://b/m", "b/m", listing, select=lambda ps: {p for p in ps if not p.startswith("1/")}
     )
     assert [f.path for f in manifest.files] == ["2/x", "config.pbtxt"]
+
+
+def test_directory_markers_become_empty_dirs_only_when_nothing_is_below():
+    listing = {
+        "b/ens/config.pbtxt": s3_info(5, '"c"'),
+        "b/ens/1/": s3_info(0, '"d41d8cd98f00b204e9800998ecf8427e"'),
+        "b/ens/2/": s3_info(0, '"d41d8cd98f00b204e9800998ecf8427e"'),
+        "b/ens/2/model.py": s3_info(3, '"m"'),
+        "b/ens/3": {"size": 0, "type": "file", "metadata": {"hdi_isfolder": "true"}},
+    }
+    manifest = build_manifest("s3://b/ens", "b/ens", listing)
+    assert manifest.empty_dirs == ("1", "3")
+    assert [f.path for f in manifest.files] == ["2/model.py", "config.pbtxt"]
+    without = build_manifest(
+        "s3://b/ens", "b/ens", {k: v for k, v in listing.items() if k != "b/ens/1/"}
+    )
+    assert without.key != manifest.key
+    latest = build_manifest(
+        "s3://b/ens", "b/ens", listing, select=lambda ps: {p for p in ps if not p.startswith("1")}
+    )
+    assert latest.empty_dirs == ("3",)
