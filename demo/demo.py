@@ -44,7 +44,9 @@ from tests.support.emulators import MotoS3, StorageRig  # noqa: E402
 def sample_model(name: str, size: int, agent_params: dict[str, str] | None) -> dict[str, bytes]:
     """A python-backend model: OUTPUT0 = INPUT0 + weights, plus ``size`` bytes of parameters."""
     weights = weights_bytes([1.0, 2.0, 3.0, 4.0])
-    params = np.random.default_rng(sum(name.encode())).integers(0, 2**63, size // 8 + 1, dtype=np.int64)
+    params = np.random.default_rng(sum(name.encode())).integers(
+        0, 2**63, size // 8 + 1, dtype=np.int64
+    )
     return {
         "config.pbtxt": model_config(name, agent_params).encode(),
         "1/model.py": MODEL_PY.encode(),
@@ -81,8 +83,11 @@ def run(size: int, model_count: int, workdir: Path) -> list[tuple[str, float, in
     names = [f"model{i}" for i in range(model_count)]
     rows = []
     with MotoS3() as s3, StorageRig(s3) as rig:
-        print(f"S3 emulator on {rig.endpoint}; uploading {model_count} models "
-              f"of {format_size(size)} twice (native and with cacheagent)...", flush=True)
+        print(
+            f"S3 emulator on {rig.endpoint}; uploading {model_count} models "
+            f"of {format_size(size)} twice (native and with cacheagent)...",
+            flush=True,
+        )
         agent = {"cache_dir": str(cache_dir)}
         for name in names:
             rig.put_tree(f"native/{name}", sample_model(name, size, None))
@@ -119,17 +124,23 @@ def print_table(rows: list[tuple[str, float, int, int]]) -> None:
     """The result table, with speed-up and saving against native."""
     native_seconds, native_bytes = rows[0][1], rows[0][3]
     print()
-    print(f"| {'start':30} | {'seconds to READY':>16} | {'requests':>8} | {'bytes from S3':>13} |"
-          f" {'vs native':>9} |")
+    print(
+        f"| {'start':30} | {'seconds to READY':>16} | {'requests':>8} | {'bytes from S3':>13} |"
+        f" {'vs native':>9} |"
+    )
     print(f"|{'-' * 32}|{'-' * 18}:|{'-' * 9}:|{'-' * 14}:|{'-' * 10}:|")
     for label, seconds, requests, nbytes in rows:
         ratio = f"{native_seconds / seconds:.1f}x" if seconds else "-"
-        print(f"| {label:30} | {seconds:16.2f} | {requests:8d} | {format_size(nbytes):>13} |"
-              f" {ratio:>9} |")
+        print(
+            f"| {label:30} | {seconds:16.2f} | {requests:8d} | {format_size(nbytes):>13} |"
+            f" {ratio:>9} |"
+        )
     cached = rows[-1]
     print()
-    print(f"The cached start pulled {format_size(cached[3])} instead of {format_size(native_bytes)}"
-          " (listings and config.pbtxt only: zero bytes of model files).")
+    print(
+        f"The cached start pulled {format_size(cached[3])} instead of {format_size(native_bytes)}"
+        " (listings and config.pbtxt only: zero bytes of model files)."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,9 +25,11 @@ import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
+
+from cacheagent.sizes import format_size
 
 WORKER_MARKER = "cacheagent.worker"
 _SHM_REGION = re.compile(r"triton_python_backend_shm_region_[0-9A-Za-z-]+")
@@ -537,3 +539,257 @@ def write_add_model(
         (version_dir / "model.py").write_text(MODEL_PY)
         (version_dir / "weights.bin").write_bytes(data)
     return model_dir
+
+
+# ---- the add model in a cloud bucket ----
+
+
+class _BucketWriter(Protocol):
+    """What :func:`put_add_model` needs of a storage rig (``StorageRig.put_tree``)."""
+
+    def put_tree(self, relpath_prefix: str, files: Mapping[str, bytes]) -> None: ...
+
+
+#: The policy line :func:`model_config` writes; :func:`add_model_files` replaces it.
+_ALL_VERSIONS = "version_policy: { all { } }\n"
+
+
+def add_model_files(
+    name: str,
+    weights: Sequence[float] | bytes,
+    agent_params: Mapping[str, str] | None = None,
+    versions: Sequence[int] = (1,),
+    version_policy: str | None = "all { }",
+) -> dict[str, bytes]:
+    """The files of the add model as ``{relative path: bytes}`` (see :func:`write_add_model`).
+
+    ``version_policy`` is the body of the config's ``version_policy`` message, e.g.
+    ``"latest { num_versions: 1 }"``; None leaves it out (Triton's default: latest 1).
+    """
+    config = model_config(name, agent_params)
+    assert _ALL_VERSIONS in config, "model_config() changed its version_policy line"
+    policy = "" if version_policy is None else f"version_policy: {{ {version_policy} }}\n"
+    config = config.replace(_ALL_VERSIONS, policy)
+    files = {"config.pbtxt": config.encode()}
+    data = weights_bytes(weights)
+    for version in versions:
+        files[f"{version}/model.py"] = MODEL_PY.encode()
+        files[f"{version}/weights.bin"] = data
+    return files
+
+
+def put_add_model(
+    rig: _BucketWriter,
+    repository: str,
+    name: str,
+    weights: Sequence[float] | bytes,
+    agent_params: Mapping[str, str] | None = None,
+    versions: Sequence[int] = (1,),
+    version_policy: str | None = "all { }",
+) -> dict[str, bytes]:
+    """Upload the add model to ``<repository>/<name>/`` in a rig's bucket; return its files.
+
+    The upload goes straight to the emulator, so the rig's proxy does not count it.
+    """
+    files = add_model_files(name, weights, agent_params, versions, version_policy)
+    rig.put_tree(f"{repository.strip('/')}/{name}", files)
+    return files
+
+
+# ---- who downloaded what, through a rig's counting proxy ----
+
+#: User-Agent prefixes of Triton's own storage clients (C++ SDKs linked into tritonserver).
+TRITON_CLIENTS = ("aws-sdk-cpp/", "gcloud-cpp/", "azsdk-cpp-")
+#: User-Agent prefixes of the clients the cacheagent worker uses (fsspec back ends).
+AGENT_CLIENTS = ("aiobotocore/", "botocore/", "python-gcsfs/", "adlfs/", "azsdk-python-")
+
+
+class _Record(Protocol):
+    """The fields of a ``tests.support.proxy.ProxyRecord`` used here."""
+
+    @property
+    def request_headers(self) -> dict[str, str]: ...
+
+    @property
+    def response_bytes(self) -> int: ...
+
+
+class _CountingRig(Protocol):
+    """What the download tallies need of a ``tests.support.emulators.StorageRig``."""
+
+    cloud: Any
+    bucket: str
+
+    def content_records(self, prefix: str = "", *, ok_only: bool = True) -> Sequence[Any]: ...
+
+
+def client_of(record: _Record) -> str:
+    """``"triton"`` or ``"agent"``: which process sent a proxied request (by User-Agent).
+
+    Raises AssertionError for any other client, so a test never counts a request
+    it cannot attribute.
+    """
+    agent = record.request_headers.get("user-agent", "")
+    if agent.startswith(TRITON_CLIENTS):
+        return "triton"
+    if agent.startswith(AGENT_CLIENTS):
+        return "agent"
+    raise AssertionError(f"a request from an unknown client went through the proxy: {agent!r}")
+
+
+def downloads(rig: _CountingRig, client: str, prefix: str = "") -> dict[str, tuple[int, int]]:
+    """Content downloads by ``client`` (``"triton"`` or ``"agent"``) under key ``prefix``.
+
+    Returns ``{object key: (number of GETs, body bytes)}``; keys are relative to
+    the bucket. Listings, HEADs and metadata reads are not content downloads.
+    """
+    from tests.support.emulators import content_key
+
+    tally: dict[str, tuple[int, int]] = {}
+    for record in rig.content_records(prefix):
+        if client_of(record) != client:
+            continue
+        key = content_key(rig.cloud, record, rig.bucket)
+        assert key is not None
+        count, size = tally.get(key, (0, 0))
+        tally[key] = (count + 1, size + record.response_bytes)
+    return tally
+
+
+def agent_log_lines(log: str, model: str) -> list[str]:
+    """The per-LOAD lines cacheagent wrote to Triton's log for ``model``, in order."""
+    needle = f"cacheagent: model '{model}' "
+    return [line for line in log.splitlines() if needle in line]
+
+
+def live_leases(cache_dir: Path) -> list[Any]:
+    """Leases in the cache at ``cache_dir`` whose holding process still runs."""
+    # Imported here so the helpers above keep working while cache.py is being changed.
+    from cacheagent.cache import Cache
+
+    with Cache(cache_dir) as cache:
+        return [lease for lease in cache.leases() if lease.is_live()]
+
+
+def wait_live_leases(cache_dir: Path, count: int, timeout: float = 15.0) -> list[Any]:
+    """Wait until exactly ``count`` live leases are held (a lease goes at UNLOAD_COMPLETE)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        leases = live_leases(cache_dir)
+        if len(leases) == count:
+            return leases
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"expected {count} live lease(s) after {timeout} s: {leases}")
+        time.sleep(0.1)
+
+
+def wait_model_gone(server: TritonServer, name: str, timeout: float = 15.0) -> None:
+    """Wait until ``name`` is no longer ready (explicit unloads finish asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while server.model_ready(name):
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"model {name!r} still ready {timeout} s after its unload")
+        time.sleep(0.05)
+
+
+def padded_weights(weights: Sequence[float], size: int) -> bytes:
+    """A ``weights.bin`` of ``size`` bytes: the 4 float32 weights, then zeros.
+
+    The add model reads only the first 16 bytes; the rest gives downloads a
+    size worth counting.
+    """
+    data = weights_bytes(weights)
+    return data + bytes(max(0, size - len(data)))
+
+
+def expected_output(x: Sequence[float], weights: Sequence[float]) -> np.ndarray:
+    """What the add model answers for input ``x`` with ``weights``."""
+    return np.asarray(x, np.float32) + np.asarray(weights, np.float32)
+
+
+@dataclass(frozen=True)
+class StartMeasure:
+    """What one Triton start cost at the storage emulator, split by client."""
+
+    requests: int  # every request that crossed the proxy
+    response_bytes: int  # their response bodies
+    triton: dict[str, tuple[int, int]]  # content downloads by Triton: key -> (GETs, bytes)
+    agent: dict[str, tuple[int, int]]  # content downloads by the agent
+    log_line: str  # cacheagent's line for the model
+
+
+def check_first_start_then_restart(
+    start: Any,
+    rig: Any,
+    repoagent_dir: Path,
+    cache_dir: Path,
+    weights_size: int = 1 << 20,
+    env: Mapping[str, str] | None = None,
+) -> tuple[StartMeasure, StartMeasure]:
+    """Shared scenario for every cloud: a cold start fetches through the agent, a restart hits.
+
+    ``start`` is the ``triton_factory`` fixture, ``rig`` a ``StorageRig``. One model
+    ``add`` is uploaded to ``models/`` and Triton runs with ``--model-repository``
+    pointing at the rig (through its proxy), so Triton's own requests are counted
+    too. Triton GETs ``config.pbtxt`` itself before calling the agent (it parses
+    the config to find the agent); every other model file must come from the agent,
+    exactly once, and a restart over the same cache must download no model file.
+    ``env`` is added to Triton's environment after the rig's.
+    """
+    weights = [1.0, 2.0, 3.0, 4.0]
+    x = [10.0, 20.0, 30.0, 40.0]
+    files = put_add_model(
+        rig, "models", "add", padded_weights(weights, weights_size), {"cache_dir": str(cache_dir)}
+    )
+    keys = {f"models/add/{name}": len(data) for name, data in files.items()}
+    config_key = "models/add/config.pbtxt"
+    measures = []
+    for phase in ("first start", "restart"):
+        rig.proxy.reset()
+        server = start(
+            rig.url("models"),
+            repoagent_dir=repoagent_dir,
+            model_control_mode="none",
+            env={**rig.env, **(env or {})},
+        )
+        assert server.model_ready("add"), f"{phase}: model add is not ready"
+        out = server.infer("add", "INPUT0", x)["OUTPUT0"]
+        np.testing.assert_allclose(out, expected_output(x, weights), err_msg=phase)
+        records = rig.proxy.records()
+        triton = downloads(rig, "triton")
+        agent = downloads(rig, "agent")
+        lines = agent_log_lines(server.log_text(), "add")
+        assert len(lines) == 1, f"{phase}: expected one cacheagent line for add: {lines}"
+        # Triton reads config.pbtxt, once, whole, and no other file of the model.
+        assert triton == {config_key: (1, keys[config_key])}, f"{phase}: Triton read {triton}"
+        if phase == "first start":
+            assert agent == {key: (1, size) for key, size in keys.items()}, (
+                f"{phase}: the agent should read each model file once, whole: {agent}"
+            )
+            assert rig.object_gets("models/add/1/weights.bin") == 1
+            assert f"MISS: {format_size(sum(keys.values()))} fetched (3 of 3 files" in lines[0]
+            leases = live_leases(cache_dir)
+            assert [(lease.model, lease.pid) for lease in leases] == [("add", server.pid)]
+        else:
+            assert agent == {}, f"{phase}: the agent downloaded {agent} on a hit"
+            assert rig.object_gets("models/add/1/") == 0
+            assert "HIT: 0 B fetched (0 of 3 files" in lines[0], lines[0]
+        assert f"-> {cache_dir}/snapshots/" in lines[0], lines[0]
+        measures.append(
+            StartMeasure(
+                requests=len(records),
+                response_bytes=sum(r.response_bytes for r in records),
+                triton=triton,
+                agent=agent,
+                log_line=lines[0],
+            )
+        )
+        assert server.stop() == 0, f"{phase}: tritonserver did not exit cleanly"
+        # UNLOAD_COMPLETE fires at shutdown: it removed the lease (not merely left one
+        # whose process is dead), and the snapshot stays for the next start.
+        from cacheagent.cache import Cache
+
+        with Cache(cache_dir) as cache:
+            assert cache.leases() == [], f"{phase}: leases left after shutdown"
+            assert len(cache.snapshots()) == 1, "the snapshot must survive a shutdown"
+    return measures[0], measures[1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from cacheagent.cache import Cache
 from cacheagent.versions import policy_selector
@@ -30,7 +31,7 @@ def tree_of(root) -> dict[str, bytes]:
     for dirpath, _dirs, files in os.walk(root):
         for name in files:
             path = os.path.join(dirpath, name)
-            found[os.path.relpath(path, root)] = open(path, "rb").read()
+            found[os.path.relpath(path, root)] = Path(path).read_bytes()
     return found
 
 

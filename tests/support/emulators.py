@@ -436,8 +436,11 @@ class FakeGcs(Emulator):
             "-host", _LOOPBACK,
             "-port", str(self.port),
             # Without these two the server advertises storage.googleapis.com
-            # in upload Location headers and media links.
-            "-public-host", addr,
+            # in upload Location headers and media links. The public host has
+            # no port: fake-gcs answers XML-style GET /<bucket>/<object> (what
+            # Triton's GCS client sends) only when the Host header matches it,
+            # and through the counting proxy the port in Host is the proxy's.
+            "-public-host", _LOOPBACK,
             "-external-url", f"http://{addr}",
             "-backend", self.backend,
             # It logs every request at info level; that is slow on a 2-core

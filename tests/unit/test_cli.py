@@ -92,3 +92,19 @@ def test_unsafe_cache_dir_is_refused(tmp_path, model, capsys):
     shared.chmod(0o777)
     code, _, err = run(capsys, "warm", str(model), "--cache-dir", str(shared))
     assert code == 1 and "world-writable" in err
+
+
+def test_check_command_exit_codes(tmp_path, capsys):
+    repo = tmp_path / "repo"
+    (repo / "good" / "1").mkdir(parents=True)
+    (repo / "good" / "1" / "model.py").write_text("# model")
+    (repo / "good" / "config.pbtxt").write_text('name: "good"\nbackend: "python"\n')
+    assert main(["check", str(repo)]) == 0
+    out = capsys.readouterr().out
+    assert "good" in out
+    (repo / "bad").mkdir()
+    (repo / "bad" / "config.pbtxt").write_text('name: "other"\nbackend: "python"\n')
+    assert main(["check", str(repo), "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] is False and report["errors"] >= 2
+    assert {f["model"] for f in report["findings"] if f["severity"] == "error"} == {"bad"}

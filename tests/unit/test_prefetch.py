@@ -11,12 +11,15 @@ def agent_config(name, params, policy="latest { num_versions: 1 }"):
     items = ", ".join(f'{{ key: "{k}" value: "{v}" }}' for k, v in params.items())
     return (
         f'name: "{name}"\nbackend: "python"\nversion_policy: {{ {policy} }}\n'
-        f'model_repository_agents {{ agents [ {{ name: "cacheagent", parameters [ {items} ] }} ] }}\n'
+        "model_repository_agents { agents [ "
+        f'{{ name: "cacheagent", parameters [ {items} ] }} ] }}\n'
     )
 
 
 def test_agent_parameters_and_policy_from_pbtxt():
-    config = pbtxt.parse(agent_config("m", {"cache_dir": "/c", "max_size": "1GB"}, "specific { versions: 3 }"))
+    config = pbtxt.parse(
+        agent_config("m", {"cache_dir": "/c", "max_size": "1GB"}, "specific { versions: 3 }")
+    )
     assert agent_parameters(config) == {"cache_dir": "/c", "max_size": "1GB"}
     assert config_json(config) == {"name": "m", "version_policy": {"specific": {"versions": 3}}}
     assert agent_parameters(pbtxt.parse('name: "x"')) is None
@@ -32,8 +35,12 @@ def test_siblings_named_cacheagent_are_fetched_in_the_background(tmp_path):
             (remote / name / version / "w.bin").write_bytes(os.urandom(1000))
         (stub / name).mkdir(parents=True)
     params = {"cache_dir": str(cache_dir)}
-    (stub / "a" / "config.pbtxt").write_text(agent_config("a", {**params, "source": str(remote / "a")}))
-    (stub / "b" / "config.pbtxt").write_text(agent_config("b", {**params, "source": str(remote / "b")}))
+    (stub / "a" / "config.pbtxt").write_text(
+        agent_config("a", {**params, "source": str(remote / "a")})
+    )
+    (stub / "b" / "config.pbtxt").write_text(
+        agent_config("b", {**params, "source": str(remote / "b")})
+    )
     (stub / "c" / "config.pbtxt").write_text('name: "c"\nbackend: "python"\n')  # no agent: skipped
     caches = {}
 
