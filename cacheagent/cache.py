@@ -564,7 +564,7 @@ class Cache:
                 damaged = any(
                     digest in corrupt
                     or not self.store.has_blob(digest, size)
-                    or not (base / relpath).is_file()
+                    or not _is_regular_file(base / relpath)
                     for relpath, size, _fp, _md5, digest in record.files
                 )
                 if damaged:
@@ -604,3 +604,11 @@ def _versions(manifest: Manifest) -> list[str]:
 
 def _is_regular(mode: int) -> bool:
     return stat.S_ISREG(mode)
+
+
+def _is_regular_file(path: Path) -> bool:
+    # lstat: a symlink planted in a snapshot is damage, never something to follow.
+    try:
+        return stat.S_ISREG(path.lstat().st_mode)
+    except OSError:
+        return False

@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     stats.add_argument(
         "--output",
-        type=Path,
+        type=_output_file_arg,
         help="write to this file atomically (e.g. for node-exporter's textfile collector)",
     )
     stats.add_argument(
@@ -115,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
         "write a local stub repository (configs only) whose models the agent fetches from LOCATION",
     )
     stub.add_argument("location", help="the cloud model repository (s3://, gs://, as://, path)")
-    stub.add_argument("--out", type=Path, required=True, help="directory to write the stub into")
+    stub.add_argument(
+        "--out", type=_out_dir_arg, required=True, help="directory to write the stub into"
+    )
     stub.add_argument(
         "--param",
         action="append",
@@ -144,12 +146,35 @@ def _command(
     sub = commands.add_parser(name, help=help_text, description=help_text)
     sub.add_argument(
         "--cache-dir",
-        type=Path,
+        type=_cache_dir_arg,
         default=None,
         help=f"cache directory (default $CACHEAGENT_CACHE_DIR, else {default_cache_dir()})",
     )
     sub.set_defaults(run=run)
     return sub
+
+
+def _cache_dir_arg(text: str) -> Path:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the cache directory must not be empty")
+    path = Path(text).expanduser()
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} exists and is not a directory")
+    return path
+
+
+def _output_file_arg(text: str) -> Path:
+    path = Path(text).expanduser()
+    if not text.strip() or path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory, not a file to write")
+    return path
+
+
+def _out_dir_arg(text: str) -> Path:
+    path = Path(text).expanduser()
+    if not text.strip() or (path.exists() and not path.is_dir()):
+        raise argparse.ArgumentTypeError(f"{text!r} exists and is not a directory")
+    return path
 
 
 def _size_arg(flag: str, low: int = 0, high: int | None = None) -> Callable[[str], int]:
@@ -171,7 +196,7 @@ def _size_arg(flag: str, low: int = 0, high: int | None = None) -> Callable[[str
 
 def _int_arg(flag: str, low: int, high: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
-        if not text.isdigit() or not low <= int(text) <= high:
+        if not (text.isascii() and text.isdigit()) or not low <= int(text) <= high:
             raise argparse.ArgumentTypeError(f"{text!r} is not an integer from {low} to {high}")
         return int(text)
 

@@ -111,7 +111,7 @@ def _parse_one(key: str, text: str, model: str, env: Mapping[str, str]) -> objec
             raise _bad(model, key, text, "out of range")
         return size
     if key == "concurrency":
-        if not text.isdigit() or not 1 <= int(text) <= MAX_CONCURRENCY:
+        if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_CONCURRENCY:
             raise _bad(model, key, text)
         return int(text)
     if key in ("stale_if_error", "prefetch"):

@@ -22,7 +22,8 @@ _UNITS: dict[str, int] = {
     "gib": 1024**3,
     "tib": 1024**4,
 }
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+MAX_SIZE = 2**62  # far beyond any disk, and still exact in SQLite's 64-bit integers
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$", re.ASCII)
 ACCEPTED_SIZE_FORMS = "a byte count (1048576) or a number with a unit: 500MB, 1.5GB, 200GiB, 64KiB"
 
 
@@ -38,7 +39,17 @@ def parse_size(text: str | int, *, name: str = "size") -> int:
     unit = match.group(2).lower() if match else ""
     if not match or unit not in _UNITS:
         raise InvalidParameterError(f"{name}: {text!r} is not a size; use {ACCEPTED_SIZE_FORMS}")
-    return int(float(match.group(1)) * _UNITS[unit])
+    try:
+        value = int(float(match.group(1)) * _UNITS[unit])
+    except (OverflowError, ValueError):
+        raise InvalidParameterError(
+            f"{name}: {text!r} is too large to be a size; use {ACCEPTED_SIZE_FORMS}"
+        ) from None
+    if value > MAX_SIZE:
+        raise InvalidParameterError(
+            f"{name}: {text!r} is larger than any disk ({MAX_SIZE} bytes at most)"
+        )
+    return value
 
 
 def format_size(n: int | float) -> str:
