@@ -166,7 +166,7 @@ class Cache:
         """
         started = time.monotonic()
         loc = self.parse(location)
-        fs = loc.filesystem()
+        fs = None  # built on a miss only: a hit lists without importing the SDK
         model = model or os.path.basename(loc.root.rstrip("/"))
         try:
             manifest = list_manifest(loc, fs, select)
@@ -185,6 +185,7 @@ class Cache:
                 snapshot = self._try_hit(manifest, lease, started)
                 if snapshot:
                     return snapshot
+                fs = fs or loc.filesystem()
                 try:
                     return self._build(loc, fs, manifest, model, lease, started, progress, on_plan)
                 except RemoteChangedError:

@@ -18,8 +18,10 @@ from typing import Any
 # It must be set before gcsfs is imported.
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
-import fsspec
-from fsspec import AbstractFileSystem
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fsspec import AbstractFileSystem
 
 SDK_RETRIES = 2
 
@@ -55,7 +57,7 @@ def _bounded_azure_class() -> type[AbstractFileSystem]:
     return BoundedRetryAzureBlobFileSystem
 
 
-_CLASSES: dict[str, type[AbstractFileSystem]] = {}
+_CLASSES: dict[str, type[AbstractFileSystem]] = {}  # built on first use
 
 
 def filesystem(scheme: str, options: dict[str, Any]) -> AbstractFileSystem:
@@ -66,6 +68,8 @@ def filesystem(scheme: str, options: dict[str, Any]) -> AbstractFileSystem:
     if scheme == "as":
         cls = _CLASSES.get(scheme) or _CLASSES.setdefault(scheme, _bounded_azure_class())
         return cls(**options)
+    import fsspec  # imported here: the hit path (see s3list.py) never needs it
+
     fs = fsspec.filesystem(scheme, **options)
     if scheme == "s3":
         fs.retries = SDK_RETRIES  # s3fs's own loop, on top of botocore's attempts

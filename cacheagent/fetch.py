@@ -14,13 +14,15 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-
-import fsspec
+from typing import TYPE_CHECKING
 
 from .location import Location
 from .manifest import FileEntry
 from .remote import read_range
 from .store import BlobWriter, Store
+
+if TYPE_CHECKING:  # fsspec costs 70 ms to import; a hit never needs it
+    import fsspec
 
 ProgressFn = Callable[[int], None]
 

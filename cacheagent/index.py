@@ -82,7 +82,9 @@ def process_start_time(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/stat", "rb") as handle:
             raw = handle.read().decode(errors="replace")
-        return raw.rsplit(")", 1)[1].split()[19]
+        fields = raw.rsplit(")", 1)[1].split()
+        # A zombie (killed, not yet reaped by its parent) uses nothing any more.
+        return "" if fields[0] in ("Z", "X") else fields[19]
     except FileNotFoundError:
         return ""
     except (OSError, IndexError):

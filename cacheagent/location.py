@@ -18,13 +18,14 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
-
-import fsspec
+from typing import TYPE_CHECKING, Any
 
 from .clients import filesystem
 from .credentials import credentials_from_file
 from .errors import InvalidLocationError
+
+if TYPE_CHECKING:
+    import fsspec
 
 ACCEPTED_FORMS = (
     "s3://bucket/path, s3://host:port/bucket/path, s3://http://host:port/bucket/path, "

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
-
-import fsspec
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import (
     CacheAgentError,
@@ -21,6 +19,10 @@ from .errors import (
 )
 from .location import Location
 from .manifest import Manifest, build_manifest
+from .s3list import fast_find
+
+if TYPE_CHECKING:
+    import fsspec
 
 T = TypeVar("T")
 # Bounded backoff on top of each SDK's own (also bounded, see clients.py).
@@ -36,6 +38,9 @@ def list_manifest(
     select: Callable[[Iterable[str]], set[str]] | None = None,
 ) -> Manifest:
     """List ``location`` recursively (one listing) and build its manifest."""
+    fast = fast_find(location) if location.scheme == "s3" else None
+    if fast is not None:
+        return _manifest_or_not_found(location, fast, select)
     fs = fs or location.filesystem()
 
     def listing() -> dict[str, dict[str, Any]]:
@@ -48,6 +53,14 @@ def list_manifest(
         return fs.find(location.root, detail=True, withdirs=location.scheme == "as")
 
     found = with_retries(listing, location, "list", LIST_RETRY_DELAYS)
+    return _manifest_or_not_found(location, found, select)
+
+
+def _manifest_or_not_found(
+    location: Location,
+    found: dict[str, dict[str, Any]],
+    select: Callable[[Iterable[str]], set[str]] | None,
+) -> Manifest:
     manifest = build_manifest(location.url, location.root, found, select)
     if not manifest.files and not manifest.empty_dirs:
         raise RemoteNotFoundError(

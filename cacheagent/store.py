@@ -388,5 +388,17 @@ def _pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    # A killed process stays a zombie until its parent (often init, after Triton
+    # died) reaps it; kill(0) still succeeds then, but it will never finish a file.
+    return not _is_zombie(pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            raw = handle.read().decode(errors="replace")
+    except OSError:
+        return False
+    fields = raw.rsplit(")", 1)[-1].split()
+    return bool(fields) and fields[0] in ("Z", "X")

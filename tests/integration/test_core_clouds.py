@@ -159,3 +159,43 @@ def test_cli_warm_reports_stale_and_never_prints_secrets(tmp_path, s3_rig):
     for output in (ok.stdout, ok.stderr, stale.stdout, stale.stderr, no_stale.stderr):
         assert "SuperSecretValue123" not in output
     assert secret
+
+
+def test_s3_fast_listing_gives_the_same_manifest_as_s3fs(tmp_path, s3_rig):
+    from cacheagent.location import parse_location
+    from cacheagent.manifest import build_manifest
+    from cacheagent.s3list import fast_find
+
+    files = small_files() | {"weird name+1/ü.bin": b"x", "1/": b""}
+    s3_rig.put_tree("models/m", files)
+    loc = parse_location(s3_rig.url("models/m"), {**os.environ, **s3_rig.env})
+    fast = fast_find(loc)
+    assert fast is not None
+    fs = loc.filesystem()
+    fs.invalidate_cache()
+    slow = fs.find(loc.root, detail=True)
+    assert (
+        build_manifest(loc.url, loc.root, fast).key == build_manifest(loc.url, loc.root, slow).key
+    )
+    assert {k: v["ETag"] for k, v in fast.items()} == {k: v["ETag"] for k, v in slow.items()}
+
+
+def test_s3_hit_does_not_import_the_sdk(tmp_path, s3_rig):
+    s3_rig.put_tree("models/m", small_files())
+    env = {**os.environ, **s3_rig.env, "CACHEAGENT_CACHE_DIR": str(tmp_path / "cache")}
+    warm = [sys.executable, "-m", "cacheagent.cli", "warm", s3_rig.url("models/m")]
+    subprocess.run(warm, env=env, check=True, capture_output=True, timeout=120)
+    probe = (
+        "import sys; from cacheagent.cache import Cache; "
+        f"s = Cache().fetch({s3_rig.url('models/m')!r}); "
+        "print(s.hit, 's3fs' in sys.modules, 'botocore' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert out.stdout.split() == ["True", "False", "False"]
