@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -19,7 +21,7 @@ from .fetch import DEFAULT_CONCURRENCY, DEFAULT_PART_SIZE, FetchSettings
 from .params import MAX_CONCURRENCY, MAX_PART_SIZE, MIN_PART_SIZE
 from .sizes import ACCEPTED_SIZE_FORMS, format_size, parse_size
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CORRUPT = 0, 1, 2, 3
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CORRUPT, EXIT_REPAIRED = 0, 1, 2, 3, 4
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -385,9 +387,16 @@ def prometheus_text(data: dict[str, Any]) -> str:
 def _write_atomically(path: Path, text: str) -> None:
     # A collector must never read half a file: write beside it, then rename.
     path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temp.write_text(text)
-    os.replace(temp, path)
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.chmod(temp, 0o644)  # textfile collectors run as another user
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
 
 
 def cmd_evict(args: argparse.Namespace) -> int:
@@ -459,7 +468,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
         },
         text,
     )
-    return EXIT_CORRUPT if bad and not report.repaired else EXIT_OK
+    if not bad:
+        return EXIT_OK
+    # Non-zero even when repaired: monitoring should hear that a disk corrupted data.
+    return EXIT_REPAIRED if report.repaired else EXIT_CORRUPT
 
 
 def cmd_stub(args: argparse.Namespace) -> int:
@@ -474,7 +486,10 @@ def cmd_stub(args: argparse.Namespace) -> int:
         params[key.strip()] = value.strip()
     if args.cache_dir:
         params.setdefault("cache_dir", str(args.cache_dir.absolute()))
-    report = write_stub(args.location, args.out, params)
+    try:
+        report = write_stub(args.location, args.out, params)
+    except InvalidParameterError as exc:
+        raise InvalidParameterError(f"--param: {exc}") from None
     lines = [f"wrote {args.out / name / 'config.pbtxt'}" for name in report.written]
     lines += [f"skipped {name}: {why}" for name, why in report.skipped.items()]
     lines.append(

@@ -114,12 +114,13 @@ def translate_error(
     if isinstance(exc, CacheAgentError):
         return exc
     detail = scrub(f"{type(exc).__name__}: {exc}", location)[:300]
-    if isinstance(exc, FileNotFoundError):
+    status = _http_status(exc)
+    if isinstance(exc, FileNotFoundError) or status == 404:
         return RemoteNotFoundError(
             f"{what} failed: {location.url} was not found ({detail}); check that the bucket or "
             "container exists and the path is right"
         )
-    if isinstance(exc, PermissionError):
+    if isinstance(exc, PermissionError) or status in (401, 403):
         return RemoteAccessDeniedError(
             f"{what} failed: access to {location.url} was denied ({detail}); check the "
             "credentials (environment variables or TRITON_CLOUD_CREDENTIAL_PATH) and their rights"
@@ -128,6 +129,16 @@ def translate_error(
         f"{what} failed: storage for {location.url} is unreachable or failing ({detail}) after "
         f"{attempts} attempt(s); check the endpoint, network and storage status"
     )
+
+
+def _http_status(exc: BaseException) -> int | None:
+    # SDKs carry the HTTP status under different names; an authorization
+    # failure must never pass for an outage (stale-if-error would hide it).
+    for name in ("status_code", "status", "code"):
+        value = getattr(exc, name, None)
+        if isinstance(value, int) and 100 <= value < 600:
+            return value
+    return None
 
 
 def scrub(text: str, location: Location) -> str:

@@ -23,9 +23,11 @@ import urllib.parse
 import xml.etree.ElementTree as ET
 from typing import Any
 
+from . import __version__
 from .location import Location
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+USER_AGENT = f"cacheagent/{__version__} (s3list)"
 TIMEOUT_S = 10.0
 _NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 _SAFE = "-_.~"
@@ -130,6 +132,7 @@ def _list_all(
         while True:
             path = f"/{bucket}"
             headers = sign_get(host, path, query, key, secret, region, token)
+            headers["user-agent"] = USER_AGENT  # unsigned; names us in storage access logs
             target = (
                 path + "?" + urllib.parse.urlencode(sorted(query.items()), quote_via=_quote_via)
             )

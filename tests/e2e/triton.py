@@ -601,7 +601,14 @@ def put_add_model(
 #: User-Agent prefixes of Triton's own storage clients (C++ SDKs linked into tritonserver).
 TRITON_CLIENTS = ("aws-sdk-cpp/", "gcloud-cpp/", "azsdk-cpp-")
 #: User-Agent prefixes of the clients the cacheagent worker uses (fsspec back ends).
-AGENT_CLIENTS = ("aiobotocore/", "botocore/", "python-gcsfs/", "adlfs/", "azsdk-python-")
+AGENT_CLIENTS = (
+    "aiobotocore/",
+    "botocore/",
+    "python-gcsfs/",
+    "adlfs/",
+    "azsdk-python-",
+    "cacheagent/",  # the hit path's own S3 listing (cacheagent/s3list.py)
+)
 
 
 class _Record(Protocol):

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import shutil
 import stat
@@ -210,13 +209,19 @@ def test_blob_replaced_by_symlink_is_never_served_or_followed(tmp_path, model, o
 
 
 def test_file_in_snapshot_replaced_by_symlink_is_refetched(tmp_path, model, outside):
+    # The symlink's own size (the length of its target's name) equals the file's, so
+    # only a check that refuses to follow it (lstat, O_NOFOLLOW) can tell them apart.
+    length = len(str(outside)) + 64
+    target = str(outside) + "/" * (length - len(str(outside)) - len("secret.bin")) + "secret.bin"
+    (model / "1" / "w.bin").write_bytes(os.urandom(length))
+    victim = Untouchable(Path(target), os.urandom(length))
     with Cache(tmp_path / "cache", verify="hash") as cache:
         snap = cache.fetch(str(model))
         served = snap.path / "1" / "w.bin"
-        victim = Untouchable(outside / "secret.bin", os.urandom(served.stat().st_size))
         served.parent.chmod(0o755)
         served.unlink()
-        served.symlink_to(victim.path)
+        served.symlink_to(target)
+        assert served.lstat().st_size == length
         again = cache.fetch(str(model))
         assert not again.hit
         assert not (again.path / "1" / "w.bin").is_symlink()
@@ -225,11 +230,6 @@ def test_file_in_snapshot_replaced_by_symlink_is_refetched(tmp_path, model, outs
     victim.assert_untouched()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Cache.verify checks snapshot files with Path.is_file(), which follows a planted "
-    "symlink (reported to the lead: use lstat + S_ISREG)",
-)
 def test_verify_reports_a_symlink_planted_in_a_snapshot(tmp_path, model, outside):
     with Cache(tmp_path / "cache") as cache:
         snap = cache.fetch(str(model))
@@ -240,6 +240,8 @@ def test_verify_reports_a_symlink_planted_in_a_snapshot(tmp_path, model, outside
         served.unlink()
         served.symlink_to(victim)
         assert cache.verify(repair=False).broken_snapshots == [snap.key]
+        report = cache.verify()
+        assert report.repaired and not snap.path.exists() and victim.exists()
 
 
 def test_symlinks_in_tmp_are_removed_not_followed(tmp_path, model, outside):
@@ -328,11 +330,11 @@ def test_leased_snapshot_survives_purge_and_evict(tmp_path, model):
 
 # ---- every CLI flag with a bad value -------------------------------------------------
 #
-# Flags whose values argparse itself can judge (switches, choices, sizes, bounded
-# integers, required options) get their bad-value cases generated from the real
-# parser, so a flag added later is covered without editing this file. Free-form
-# flags (paths, KEY=VALUE) need a case that means something: SEMANTIC lists them,
-# and a test fails when a flag is covered by neither.
+# Flags argparse judges by form (switches, choices, sizes, bounded integers,
+# required options) get bad-value cases generated from the real parser, so a
+# flag added later is covered without editing this file. Flags whose bad values
+# mean something (paths, KEY=VALUE) are listed in SEMANTIC_CASES; a test fails
+# when a flag is covered by neither.
 
 
 def _subparsers() -> dict[str, argparse.ArgumentParser]:
@@ -345,8 +347,18 @@ def _flag(action: argparse.Action) -> str:
     return max(action.option_strings, key=len)
 
 
-def _judged_by_argparse(action: argparse.Action) -> bool:
-    return action.nargs == 0 or bool(action.choices) or action.type not in (None, str, Path)
+def _options(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    return [
+        a
+        for a in parser._actions
+        if a.option_strings and not isinstance(a, (argparse._HelpAction, argparse._VersionAction))
+    ]
+
+
+def _checks_form(action: argparse.Action) -> bool:
+    # The size and bounded-integer parsers of cli.py: any garbage is a bad value for them.
+    name = getattr(action.type, "__qualname__", "")
+    return name.startswith(("_size_arg.", "_int_arg."))
 
 
 def _argv(command: str, tmp: Path, without: str = "") -> list[str]:
@@ -366,9 +378,7 @@ def _generated_cases() -> list[tuple[str, str, str | None, list[str]]]:
     """(command, flag, bad value or None for 'left out', words the message must hold)."""
     cases: list[tuple[str, str, str | None, list[str]]] = []
     for command, parser in _subparsers().items():
-        for action in parser._actions:
-            if not action.option_strings or isinstance(action, argparse._HelpAction):
-                continue
+        for action in _options(parser):
             flag = _flag(action)
             if action.required:
                 cases.append((command, flag, None, ["required"]))
@@ -376,14 +386,22 @@ def _generated_cases() -> list[tuple[str, str, str | None, list[str]]]:
                 cases.append((command, flag, f"{flag}=yes", []))
             elif action.choices:
                 cases.append((command, flag, "not-a-choice", [str(c) for c in action.choices]))
-            elif _judged_by_argparse(action):
-                for bad in ("@@", "-1"):
+            elif _checks_form(action):
+                for bad in ("@@", "-1", "²"):
                     cases.append((command, flag, bad, [f"'{bad}'"]))
     return cases
 
 
 GENERATED = _generated_cases()
 CACHE_COMMANDS = [c for c, p in _subparsers().items() if "--cache-dir" in p._option_string_actions]
+
+
+def _run_bad(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, str]:
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    return code, capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -397,10 +415,8 @@ def test_bad_flag_value_exits_2_naming_flag_and_accepted_values(
     argv = _argv(command, tmp_path, without=flag if bad is None else "")
     if bad is not None:
         argv += [bad] if bad.startswith(flag) else [flag, bad]
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    assert info.value.code == 2
-    err = capsys.readouterr().err
+    code, err = _run_bad(capsys, argv)
+    assert code == 2, err
     assert flag in err and f"cacheagent {command}" in err
     for word in words:
         assert word in err
@@ -412,150 +428,64 @@ def test_bad_flag_value_exits_2_naming_flag_and_accepted_values(
 def test_size_and_count_flags_state_their_accepted_values(tmp_path, capsys):
     cases = [
         (["warm", "m", "--max-size", "lots"], ["500MB", "200GiB"]),
+        (["warm", "m", "--max-size", "9" * 400], ["--max-size"]),  # no overflow traceback
         (["warm", "m", "--concurrency", "65"], ["1 to 64"]),
         (["warm", "m", "--part-size", "2GiB"], ["1.0 MiB", "1.0 GiB"]),
         (["stats", "--top", "1001"], ["0 to 1000"]),
     ]
     for argv, words in cases:
-        with pytest.raises(SystemExit) as info:
-            main([*argv, "--cache-dir", str(tmp_path / "c")])
-        err = capsys.readouterr().err
-        assert info.value.code == 2 and all(word in err for word in words), err
+        code, err = _run_bad(capsys, [*argv, "--cache-dir", str(tmp_path / "c")])
+        assert code == 2 and all(word in err for word in words), err
 
 
-# Free-form flags, each with a case below.
-SEMANTIC = {(c, "--cache-dir") for c in CACHE_COMMANDS} | {
-    ("stub", "--param"),
-    ("stub", "--out"),
-    ("stats", "--output"),
-    ("install-triton", "--repoagent-dir"),
-}
+# (command, flag, bad value, words the message must hold). "<file>" and "<dir>" stand
+# for an existing file and directory.
+SEMANTIC_CASES: list[tuple[str, str, str, list[str]]] = [
+    *[(c, "--cache-dir", "<file>", ["not a directory"]) for c in CACHE_COMMANDS],
+    *[(c, "--cache-dir", "", ["empty"]) for c in CACHE_COMMANDS],
+    ("stub", "--out", "<file>", ["not a directory"]),
+    ("stats", "--output", "<dir>", ["directory"]),
+    ("stub", "--param", "noequals", ["KEY=VALUE"]),
+    ("stub", "--param", "max_size=lots", ["max_size", "500MB"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("command", "flag", "bad", "words"),
+    SEMANTIC_CASES,
+    ids=[f"{c}{f}={b or 'empty'}" for c, f, b, _ in SEMANTIC_CASES],
+)
+def test_bad_path_or_pair_exits_2_naming_flag(tmp_path, capsys, model, command, flag, bad, words):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    adir = tmp_path / "adir"
+    adir.mkdir()
+    value = {"<file>": str(afile), "<dir>": str(adir)}.get(bad, bad)
+    argv = _argv(command, tmp_path, without=flag)
+    code, err = _run_bad(capsys, [*argv, flag, value])
+    assert code == 2, err
+    # A bad KEY=VALUE may be named by its key (the agent parameter) instead of the flag.
+    assert flag in err or (flag == "--param" and value.split("=")[0] in err)
+    assert "Traceback" not in err
+    for word in words:
+        assert word in err
+    assert afile.read_text() == "x" and os.listdir(adir) == []
+    assert not (tmp_path / "c").exists() and not (tmp_path / "dir").exists()
 
 
 def test_every_flag_of_every_subcommand_has_a_bad_value_case():
-    covered = {(c, f) for c, f, _, _ in GENERATED} | SEMANTIC
-    wanted = {
-        (command, _flag(action))
-        for command, parser in _subparsers().items()
-        for action in parser._actions
-        if action.option_strings and not isinstance(action, argparse._HelpAction)
-    }
+    covered = {(c, f) for c, f, _, _ in GENERATED} | {(c, f) for c, f, _, _ in SEMANTIC_CASES}
+    covered.add(("install-triton", "--repoagent-dir"))  # see the test below
+    wanted = {(c, _flag(a)) for c, parser in _subparsers().items() for a in _options(parser)}
     assert wanted - covered == set(), "add a bad-value case for these flags"
-    free_form = {
-        (command, _flag(action))
-        for command, parser in _subparsers().items()
-        for action in parser._actions
-        if action.option_strings
-        and not isinstance(action, argparse._HelpAction)
-        and not _judged_by_argparse(action)
-    }
-    assert free_form <= SEMANTIC
 
 
-OPENS_CACHE = [c for c in CACHE_COMMANDS if c not in ("stub", "check")]
-
-
-@pytest.mark.parametrize("command", OPENS_CACHE)
-def test_cache_dir_that_is_a_file_fails_cleanly(tmp_path, capsys, command):
+def test_install_triton_into_a_file_fails_naming_the_flag(tmp_path, capsys):
     afile = tmp_path / "afile"
     afile.write_text("x")
-    (tmp_path / "model").mkdir()
-    code = main([*_argv(command, tmp_path, without="--cache-dir"), "--cache-dir", str(afile)])
-    err = capsys.readouterr().err
-    assert code != 0 and str(afile) in err and "Traceback" not in err
+    code, err = _run_bad(capsys, ["install-triton", "--repoagent-dir", str(afile)])
+    assert code != 0 and "--repoagent-dir" in err and "Traceback" not in err
     assert afile.read_text() == "x"
-
-
-def test_check_ignores_cache_dir_and_leaves_it_alone(tmp_path, capsys, model):
-    afile = tmp_path / "afile"
-    afile.write_text("x")
-    main(["check", str(model.parent), "--cache-dir", str(afile)])
-    assert "Traceback" not in capsys.readouterr().err and afile.read_text() == "x"
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli.py stub writes a --cache-dir that is a file into every stub config, so each "
-    "LOAD fails later in Triton instead of the command failing now (reported)",
-)
-def test_stub_refuses_a_cache_dir_that_is_a_file(tmp_path, capsys, model):
-    afile = tmp_path / "afile"
-    afile.write_text("x")
-    code = main(
-        ["stub", str(model.parent), "--out", str(tmp_path / "o"), "--cache-dir", str(afile)]
-    )
-    assert code == 2 and "--cache-dir" in capsys.readouterr().err
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli.py takes --cache-dir as a bare Path: a file is a runtime error (exit 1), not a "
-    "usage error naming the flag (reported to the lead)",
-)
-def test_cache_dir_that_is_a_file_is_a_usage_error(tmp_path, capsys):
-    afile = tmp_path / "afile"
-    afile.write_text("x")
-    with pytest.raises(SystemExit) as info:
-        main(["ls", "--cache-dir", str(afile)])
-    assert info.value.code == 2 and "--cache-dir" in capsys.readouterr().err
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli.py turns --cache-dir '' into Path('.') and builds a cache in the current "
-    "directory (reported to the lead)",
-)
-def test_empty_cache_dir_is_refused(tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    with contextlib.suppress(SystemExit):
-        main(["ls", "--cache-dir", ""])
-    assert "--cache-dir" in capsys.readouterr().err
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_stub_param_without_equals_or_with_bad_value_exits_2(tmp_path, capsys, model):
-    for param, words in (("noequals", ["KEY=VALUE"]), ("max_size=lots", ["max_size", "500MB"])):
-        out = tmp_path / f"out-{len(words)}"
-        code = main(["stub", str(model.parent), "--out", str(out), "--param", param])
-        err = capsys.readouterr().err
-        assert code == 2 and "Traceback" not in err and all(w in err for w in words), err
-        assert not out.exists()
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli.py stub: --out naming a file ends in a FileExistsError traceback (reported)",
-)
-def test_stub_out_that_is_a_file_is_refused(tmp_path, capsys, model):
-    afile = tmp_path / "afile"
-    afile.write_text("x")
-    code = main(["stub", str(model.parent), "--out", str(afile)])
-    err = capsys.readouterr().err
-    assert code == 2 and "--out" in err and afile.read_text() == "x"
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli.py stats: --output naming a directory ends in an IsADirectoryError traceback "
-    "and leaves its temp file behind (reported)",
-)
-def test_stats_output_that_is_a_directory_is_refused(tmp_path, capsys):
-    target = tmp_path / "adir"
-    target.mkdir()
-    code = main(["stats", "--output", str(target), "--cache-dir", str(tmp_path / "c")])
-    assert code == 2 and "--output" in capsys.readouterr().err
-    assert sorted(os.listdir(tmp_path)) == ["adir", "c"]
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="sizes.parse_size overflows on huge numbers (OverflowError, a traceback in the CLI) "
-    "(reported to the lead)",
-)
-def test_huge_size_flag_is_a_usage_error(capsys, tmp_path):
-    with pytest.raises(SystemExit) as info:
-        main(["stats", "--max-size", "9" * 400, "--cache-dir", str(tmp_path / "c")])
-    assert info.value.code == 2 and "--max-size" in capsys.readouterr().err
 
 
 def test_bad_location_exits_2_naming_accepted_forms(tmp_path, capsys):
@@ -573,15 +503,6 @@ def test_unknown_subcommand_and_flag_exit_2(capsys):
     assert "frobnicate" in err and "warm" in err  # the subcommands on offer are listed
 
 
-def test_install_triton_into_a_file_fails_naming_the_flag(tmp_path, capsys):
-    afile = tmp_path / "afile"
-    afile.write_text("x")
-    code = main(["install-triton", "--repoagent-dir", str(afile)])
-    err = capsys.readouterr().err
-    assert code != 0 and "--repoagent-dir" in err and "Traceback" not in err
-    assert afile.read_text() == "x"
-
-
 # ---- property tests (what test_fuzz.py does not cover) ---------------------------------
 
 
@@ -595,11 +516,6 @@ def test_parameter_parser_raises_only_its_own_errors(raw):
     assert params.concurrency >= 1 and params.part_size >= 1024 * 1024
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="params.py: 'concurrency' checks str.isdigit(), which accepts '²' that int() "
-    "rejects with a bare ValueError (reported to the lead)",
-)
 def test_concurrency_with_a_superscript_digit_is_a_parameter_error():
     with pytest.raises(CacheAgentError):
         parse_params({"concurrency": "²"}, "m", {})
