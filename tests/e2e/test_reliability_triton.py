@@ -16,7 +16,6 @@ import os
 import signal
 import struct
 import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ import xxhash
 from cacheagent.index import Index
 from cacheagent.store import Store
 from tests.support.emulators import StorageRig
+from tests.support.wait import wait_for
 
 from .triton import (
     MODEL_PY,
@@ -82,14 +82,6 @@ def load_lines(server: TritonServer, name: str) -> list[str]:
     return [
         line for line in server.log_text().splitlines() if f"cacheagent: model '{name}' " in line
     ]
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def temp_blobs_with_bytes(cache: Path) -> list[Path]:

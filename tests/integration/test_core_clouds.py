@@ -211,8 +211,10 @@ def test_bad_credentials_are_access_denied_never_an_outage(tmp_path, azure_rig):
     good_key = rig.env["AZURE_STORAGE_KEY"]
     wrong_key = "V3JvbmdLZXlXcm9uZ0tleVdyb25nS2V5V3JvbmdLZXk="
     env = {k: v.replace(good_key, wrong_key) for k, v in rig.env.items()}
-    with Cache(tmp_path / "cache", env={**os.environ, **env}) as cache:
-        # A cached snapshot exists, yet bad credentials must fail loudly, not serve it stale.
-        with pytest.raises(RemoteAccessDeniedError) as info:
-            cache.fetch(rig.url("models/m"))
+    # A cached snapshot exists, yet bad credentials must fail loudly, not serve it stale.
+    with (
+        Cache(tmp_path / "cache", env={**os.environ, **env}) as cache,
+        pytest.raises(RemoteAccessDeniedError) as info,
+    ):
+        cache.fetch(rig.url("models/m"))
     assert "credentials" in str(info.value) and wrong_key not in str(info.value)

@@ -18,7 +18,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from cacheagent.index import Index
 from cacheagent.location import parse_location
 from cacheagent.remote import list_manifest
 from tests.support.emulators import StorageRig
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -103,14 +103,6 @@ def temp_blobs_with_bytes(cache: Path, pid: int) -> list[Path]:
 
 def snapshot_dirs(root: Path) -> list[str]:
     return sorted(entry.name for entry in (root / "snapshots").iterdir())
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def warm_cmd(url: str, cache_dir: Path, *extra: str) -> list[str]:
