@@ -89,7 +89,7 @@ def _load(request: dict[str, Any], params: AgentParams, model: str, log: LogFn) 
         location, select=select, model=model, lease=LeaseSpec(lease_id(request), pid, model)
     )
     log("INFO", load_line(model, snapshot))
-    if snapshot.stale:
+    if snapshot.warning:
         log("WARN", f"cacheagent: model '{model}': {snapshot.warning}")
     if params.source and request.get("artifact_type") == "FILESYSTEM":
         _warn_if_stub_outdated(str(request.get("location", "")), snapshot, model, log)

@@ -284,8 +284,17 @@ class Cache:
     ) -> Snapshot:
         held, missing = self._split_held(loc, manifest)
         needed = sum(entry.size for entry in missing)
+        warning = ""
         if self.max_size is not None:
-            self._make_room(needed)
+            after = self._make_room(needed).size_after + needed
+            if after > self.max_size:
+                # Only leased snapshots can be left: going over beats failing a model
+                # that fits on its own, but the operator must hear about it.
+                warning = (
+                    f"the cache will hold {format_size(after)}, over its budget max_size="
+                    f"{format_size(self.max_size)}, because snapshots in use by running "
+                    "servers cannot be evicted; raise max_size or unload models"
+                )
         self._check_free_space(needed, loc)
         if on_plan:
             on_plan(len(missing), needed)
@@ -332,6 +341,7 @@ class Cache:
             seconds=time.monotonic() - started,
             files_fetched=len(missing),
             lease_id=lease.lease_id if lease else None,
+            warning=warning,
         )
 
     def _split_held(
@@ -448,9 +458,9 @@ class Cache:
                 self._drop_orphans()
             return self._evict_locked(budget, 0, dry_run)
 
-    def _make_room(self, incoming: int) -> None:
+    def _make_room(self, incoming: int) -> EvictionReport:
         with self._gc_lock(shared=False):
-            self._evict_locked(self.max_size, incoming, dry_run=False)
+            return self._evict_locked(self.max_size, incoming, dry_run=False)
 
     def _evict_locked(self, budget: int | None, incoming: int, dry_run: bool) -> EvictionReport:
         records = self.index.snapshots()

@@ -228,7 +228,7 @@ def cmd_warm(args: argparse.Namespace) -> int:
         bar = ProgressBar(sys.stderr, enabled=not args.no_progress and sys.stderr.isatty())
         snapshot = cache.fetch(args.location, progress=bar.advance, on_plan=bar.plan)
         bar.close()
-    if snapshot.stale:
+    if snapshot.warning:
         print(f"cacheagent: warning: {snapshot.warning}", file=sys.stderr)
     _emit(args, snapshot_json(snapshot), str(snapshot.path))
     return EXIT_OK

@@ -182,3 +182,13 @@ def test_backend_writes_into_snapshot_do_not_break_it(tmp_path, cache):
     assert cache.verify().broken_snapshots == []
     cache.evict(0)
     assert not snap.path.exists()
+
+
+def test_leased_snapshots_over_budget_warn_instead_of_failing(tmp_path):
+    a = make_model(tmp_path / "a", {"w": os.urandom(6000)})
+    b = make_model(tmp_path / "b", {"w": os.urandom(6000)})
+    with Cache(tmp_path / "c", max_size=10_000) as cache:
+        first = cache.fetch(str(a), lease=LeaseSpec("La", os.getpid(), "a"))
+        assert first.warning == ""
+        second = cache.fetch(str(b))
+        assert "over its budget" in second.warning and first.path.exists()
