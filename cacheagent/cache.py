@@ -185,7 +185,6 @@ class Cache:
                 snapshot = self._try_hit(manifest, lease, started)
                 if snapshot:
                     return snapshot
-                fs = fs or loc.filesystem()
                 try:
                     return self._build(loc, fs, manifest, model, lease, started, progress, on_plan)
                 except RemoteChangedError:

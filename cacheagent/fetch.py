@@ -60,7 +60,7 @@ class _Download:
 
     def __init__(
         self,
-        fs: fsspec.AbstractFileSystem,
+        fs: fsspec.AbstractFileSystem | None,
         location: Location,
         store: Store,
         settings: FetchSettings,
@@ -119,7 +119,7 @@ class _Download:
 
 
 def download(
-    fs: fsspec.AbstractFileSystem,
+    fs: fsspec.AbstractFileSystem | None,
     location: Location,
     entries: list[FileEntry],
     store: Store,

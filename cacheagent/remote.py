@@ -19,7 +19,7 @@ from .errors import (
 )
 from .location import Location
 from .manifest import Manifest, build_manifest
-from .s3list import fast_find
+from .s3list import can_read, fast_find, fast_read
 
 if TYPE_CHECKING:
     import fsspec
@@ -71,13 +71,24 @@ def _manifest_or_not_found(
 
 
 def read_range(
-    fs: fsspec.AbstractFileSystem, location: Location, relpath: str, start: int, end: int
+    fs: fsspec.AbstractFileSystem | None, location: Location, relpath: str, start: int, end: int
 ) -> bytes:
-    """Read bytes [start, end) of a file below ``location``; exactly that many or an error."""
-    path = f"{location.root}/{relpath}"
+    """Read bytes [start, end) of a file below ``location``; exactly that many or an error.
 
-    def read() -> bytes:
-        return fs.cat_file(path, start=start, end=end)
+    With ``fs`` None, S3 locations with static credentials use the fast client
+    (no SDK import); anything else uses the location's fsspec filesystem.
+    """
+    path = f"{location.root}/{relpath}"
+    if fs is None and can_read(location):
+
+        def read() -> bytes:
+            return fast_read(location, relpath, start, end)
+
+    else:
+        filesystem = fs or location.filesystem()
+
+        def read() -> bytes:
+            return filesystem.cat_file(path, start=start, end=end)
 
     data = with_retries(read, location, f"read {relpath}")
     if len(data) != end - start:

@@ -1,4 +1,4 @@
-"""A fast S3 listing for the hit path: one signed ListObjectsV2 call, no SDK import.
+"""A fast S3 client for the common case: signed listings and ranged GETs, no SDK.
 
 A cache hit costs one listing, yet listing through s3fs means importing
 aiobotocore and building a client first: about 0.45 s on every worker start,
@@ -10,7 +10,9 @@ It returns exactly what ``s3fs.find(detail=True)`` returns for the fields the
 manifest uses (name, size, ETag), so both paths give the same snapshot key.
 Anything unexpected (no static credentials, an HTTP error, a redirect, a
 parse error) returns None and the caller lists through s3fs, which then
-reports real errors in full.
+reports real errors in full. Ranged reads (the miss path) keep one keep-alive
+connection per thread and raise ordinary OSErrors that cacheagent.remote
+retries and translates like the SDK's.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import datetime as dt
 import hashlib
 import hmac
 import http.client
+import threading
 import urllib.parse
 import xml.etree.ElementTree as ET
 from typing import Any
@@ -87,8 +90,18 @@ def _quote_path(path: str) -> str:
     return urllib.parse.quote(path, safe="/" + _SAFE)
 
 
-def fast_find(location: Location) -> dict[str, dict[str, Any]] | None:
-    """List ``location`` recursively like ``s3fs.find(detail=True)``; None if not possible."""
+class HTTPStatusError(OSError):
+    """A non-success answer to a ranged GET; ``status`` is the HTTP status code."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"HTTP {status} {reason}")
+        self.status = status
+
+
+_Target = tuple[urllib.parse.SplitResult, str, str, str, "str | None"]
+
+
+def _target(location: Location) -> _Target | None:
     options = location.storage_options
     key, secret = options.get("key"), options.get("secret")
     client_kwargs = options.get("client_kwargs") or {}
@@ -96,22 +109,76 @@ def fast_find(location: Location) -> dict[str, dict[str, Any]] | None:
     region = client_kwargs.get("region_name")
     if location.scheme != "s3" or not key or not secret or not (endpoint or region):
         return None
-    bucket, _, prefix = location.root.partition("/")
     parsed = urllib.parse.urlsplit(endpoint or f"https://s3.{region}.amazonaws.com")
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         return None
+    return parsed, key, secret, region or "us-east-1", options.get("token")
+
+
+def can_read(location: Location) -> bool:
+    """True if :func:`fast_read` can serve this location (static credentials, known region)."""
+    return _target(location) is not None
+
+
+def fast_find(location: Location) -> dict[str, dict[str, Any]] | None:
+    """List ``location`` recursively like ``s3fs.find(detail=True)``; None if not possible."""
+    target = _target(location)
+    if target is None:
+        return None
+    parsed, key, secret, region, token = target
+    bucket, _, prefix = location.root.partition("/")
     try:
         return _list_all(
-            parsed,
-            bucket,
-            prefix.rstrip("/") + "/" if prefix else "",
-            key,
-            secret,
-            region or "us-east-1",
-            options.get("token"),
+            parsed, bucket, prefix.rstrip("/") + "/" if prefix else "", key, secret, region, token
         )
     except (OSError, http.client.HTTPException, ET.ParseError, ValueError):
         return None
+
+
+_LOCAL = threading.local()
+
+
+def _connection(endpoint: urllib.parse.SplitResult) -> http.client.HTTPConnection:
+    # http.client connections are not thread-safe: one keep-alive connection per thread.
+    pool: dict[str, http.client.HTTPConnection] = _LOCAL.__dict__.setdefault("pool", {})
+    name = f"{endpoint.scheme}://{endpoint.netloc}"
+    connection = pool.get(name)
+    if connection is None:
+        cls = (
+            http.client.HTTPSConnection
+            if endpoint.scheme == "https"
+            else http.client.HTTPConnection
+        )
+        connection = cls(endpoint.hostname or "", endpoint.port, timeout=60)
+        pool[name] = connection
+    return connection
+
+
+def fast_read(location: Location, relpath: str, start: int, end: int) -> bytes:
+    """Bytes [start, end) of ``<location>/<relpath>`` by one signed ranged GET."""
+    target = _target(location)
+    if target is None:
+        raise ValueError(f"{location.url} has no static credentials for the fast S3 client")
+    parsed, key, secret, region, token = target
+    raw_path = f"/{location.root}/{relpath}"
+    headers = sign_get(parsed.netloc, raw_path, {}, key, secret, region, token)
+    headers["range"] = f"bytes={start}-{end - 1}"
+    headers["user-agent"] = USER_AGENT
+    connection = _connection(parsed)
+    try:
+        connection.request("GET", _quote_path(raw_path), headers=headers)
+        response = connection.getresponse()
+        body = response.read()
+    except (OSError, http.client.HTTPException) as exc:
+        connection.close()  # a broken keep-alive connection is rebuilt on the next call
+        raise ConnectionError(f"{type(exc).__name__}: {exc}") from None
+    if response.status == 404:
+        raise FileNotFoundError(f"{location.url}/{relpath}")
+    if response.status in (401, 403):
+        raise PermissionError(f"HTTP {response.status} for {location.url}/{relpath}")
+    if response.status not in (200, 206):
+        raise HTTPStatusError(response.status, response.reason)
+    return body if response.status == 206 else body[start:end]
 
 
 def _list_all(

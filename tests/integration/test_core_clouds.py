@@ -218,3 +218,26 @@ def test_bad_credentials_are_access_denied_never_an_outage(tmp_path, azure_rig):
     ):
         cache.fetch(rig.url("models/m"))
     assert "credentials" in str(info.value) and wrong_key not in str(info.value)
+
+
+def test_s3_miss_with_static_credentials_never_imports_the_sdk(tmp_path, s3_rig):
+    files = {"1/w.bin": os.urandom(3 * MiB + 5), "config.pbtxt": b"c"}
+    s3_rig.put_tree("models/m", files)
+    env = {**os.environ, **s3_rig.env, "CACHEAGENT_CACHE_DIR": str(tmp_path / "cache")}
+    probe = (
+        "import sys; from cacheagent.cache import Cache; from cacheagent.fetch import "
+        "FetchSettings; cache = Cache(fetch_settings=FetchSettings(4, 1024 * 1024)); "
+        f"s = cache.fetch({s3_rig.url('models/m')!r}); "
+        "print(s.hit, s.bytes_fetched, 's3fs' in sys.modules, 'botocore' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert out.stdout.split() == ["False", str(3 * MiB + 6), "False", "False"]
+    assert s3_rig.object_bytes("models/m/") == 3 * MiB + 6
+    assert s3_rig.object_gets("models/m/1/w.bin") == 4  # ranged parts
