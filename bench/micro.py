@@ -329,7 +329,7 @@ def render_micro(micro: dict[str, Any]) -> str:
             [
                 "model",
                 "import actions s",
-                "import s3fs s",
+                "import s3fs s (not on the S3 fast path)",
                 "first LOAD s",
                 "steady LOAD s",
                 "listing s",
