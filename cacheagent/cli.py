@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -15,6 +12,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from . import __version__
+from .atomic import write_text_atomically
 from .cache import Cache, Snapshot, default_cache_dir
 from .errors import CacheAgentError, InvalidLocationError, InvalidParameterError
 from .fetch import DEFAULT_CONCURRENCY, DEFAULT_PART_SIZE, FetchSettings
@@ -329,7 +327,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     else:
         output = "\n".join(lines)
     if args.output:
-        _write_atomically(args.output, output + "\n")
+        write_text_atomically(args.output, output + "\n")
     else:
         print(output)
     return EXIT_OK
@@ -382,21 +380,6 @@ def prometheus_text(data: dict[str, Any]) -> str:
         metric = f"cacheagent_{name}"
         lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} gauge", f"{metric} {data[key]}"]
     return "\n".join(lines)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    # A collector must never read half a file: write beside it, then rename.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.chmod(temp, 0o644)  # textfile collectors run as another user
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
 
 
 def cmd_evict(args: argparse.Namespace) -> int:

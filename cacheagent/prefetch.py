@@ -22,6 +22,7 @@ from .cache import Cache
 from .errors import CacheAgentError
 from .location import Location, parse_location
 from .params import AgentParams, parse_params
+from .remote import list_model_names
 from .versions import policy_selector
 
 AGENT_NAME = "cacheagent"
@@ -89,16 +90,10 @@ class Prefetcher:
     def _prefetch_repository(self, repository: str, loaded: str) -> None:
         try:
             repo = parse_location(repository)
-            fs = repo.filesystem()
-            entries = fs.ls(repo.root, detail=True)
-        except Exception as exc:  # a background nicety must never take the worker down
+            names = list_model_names(repo, delays=())  # one attempt: a background nicety
+        except Exception as exc:  # ... that must never take the worker down
             _note(f"prefetch: cannot list {repository}: {exc}")
             return
-        names = sorted(
-            entry["name"].rstrip("/").rsplit("/", 1)[-1]
-            for entry in entries
-            if entry.get("type") == "directory"
-        )
         workers = []
         for name in names:
             if name == loaded:

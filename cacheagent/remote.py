@@ -70,6 +70,19 @@ def _manifest_or_not_found(
     return manifest
 
 
+def list_model_names(
+    repository: Location,
+    fs: fsspec.AbstractFileSystem | None = None,
+    delays: tuple[float, ...] | None = None,
+) -> list[str]:
+    """The names of the directories directly below a repository (its models), sorted."""
+    fs = fs or repository.filesystem()
+    entries = with_retries(lambda: fs.ls(repository.root, detail=True), repository, "list", delays)
+    return sorted(
+        e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory"
+    )
+
+
 def read_range(
     fs: fsspec.AbstractFileSystem | None, location: Location, relpath: str, start: int, end: int
 ) -> bytes:

@@ -16,9 +16,7 @@ config in every snapshot it serves and warns when they differ. Re-running
 
 from __future__ import annotations
 
-import os
 import re
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,11 +24,12 @@ from pathlib import Path
 import xxhash
 
 from . import pbtxt
+from .atomic import write_text_atomically
 from .errors import CacheAgentError, InvalidParameterError
 from .location import parse_location
 from .params import parse_params
 from .prefetch import AGENT_NAME, agent_parameters
-from .remote import with_retries
+from .remote import list_model_names, with_retries
 
 HEADER_RE = re.compile(r"^# cacheagent stub of (\S+); remote config xxh3-128 ([0-9a-f]{32})$", re.M)
 
@@ -167,10 +166,7 @@ def write_stub(
         raise InvalidParameterError("stub sets 'source' itself; do not pass it as a parameter")
     repo = parse_location(repository, env)
     fs = repo.filesystem()
-    entries = with_retries(lambda: fs.ls(repo.root, detail=True), repo, "list")
-    names = sorted(
-        e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory"
-    )
+    names = list_model_names(repo, fs)
     report = StubReport()
     out.mkdir(parents=True, exist_ok=True)
     for name in names:
@@ -187,7 +183,7 @@ def write_stub(
         except CacheAgentError as exc:
             report.skipped[name] = f"config.pbtxt is not valid: {exc}"
             continue
-        _write_atomically(out / name / "config.pbtxt", config_text)
+        write_text_atomically(out / name / "config.pbtxt", config_text)
         report.written.append(name)
     return report
 
@@ -205,10 +201,3 @@ def remote_config_changed(stub_config_text: str, snapshot_dir: Path) -> str | No
         f"the remote config.pbtxt of {source} has changed since the stub was written; Triton "
         "is still using the stub's copy: run 'cacheagent stub' again to update it"
     )
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    temp.write_text(text)
-    os.replace(temp, path)

@@ -180,6 +180,18 @@ def test_s3_fast_listing_gives_the_same_manifest_as_s3fs(tmp_path, s3_rig):
     assert {k: v["ETag"] for k, v in fast.items()} == {k: v["ETag"] for k, v in slow.items()}
 
 
+def run_probe(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter (so sys.modules shows what it imported)."""
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+
+
 def test_s3_hit_does_not_import_the_sdk(tmp_path, s3_rig):
     s3_rig.put_tree("models/m", small_files())
     env = {**os.environ, **s3_rig.env, "CACHEAGENT_CACHE_DIR": str(tmp_path / "cache")}
@@ -190,14 +202,7 @@ def test_s3_hit_does_not_import_the_sdk(tmp_path, s3_rig):
         f"s = Cache().fetch({s3_rig.url('models/m')!r}); "
         "print(s.hit, 's3fs' in sys.modules, 'botocore' in sys.modules)"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", probe],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
+    out = run_probe(probe, env)
     assert out.stdout.split() == ["True", "False", "False"]
 
 
@@ -230,14 +235,7 @@ def test_s3_miss_with_static_credentials_never_imports_the_sdk(tmp_path, s3_rig)
         f"s = cache.fetch({s3_rig.url('models/m')!r}); "
         "print(s.hit, s.bytes_fetched, 's3fs' in sys.modules, 'botocore' in sys.modules)"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", probe],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
+    out = run_probe(probe, env)
     assert out.stdout.split() == ["False", str(3 * MiB + 6), "False", "False"]
     assert s3_rig.object_bytes("models/m/") == 3 * MiB + 6
     assert s3_rig.object_gets("models/m/1/w.bin") == 4  # ranged parts
