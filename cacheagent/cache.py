@@ -221,6 +221,12 @@ class Cache:
         self.index.touch_snapshot(record.key)
         self.index.count("hits")
         self.index.count("bytes_served_from_cache", record.size)
+        return self._served(record, lease, started)
+
+    def _served(
+        self, record: SnapshotRecord, lease: LeaseSpec | None, started: float, warning: str = ""
+    ) -> Snapshot:
+        """A snapshot served from the cache (a hit, or stale when ``warning`` says so)."""
         return Snapshot(
             path=self.store.snapshot_path(record.key),
             key=record.key,
@@ -230,6 +236,8 @@ class Cache:
             files=len(record.files),
             size=record.size,
             seconds=time.monotonic() - started,
+            stale=bool(warning),
+            warning=warning,
             lease_id=lease.lease_id if lease else None,
         )
 
@@ -408,19 +416,7 @@ class Cache:
             f"{record.key[:12]}, cached {age:.0f} s ago, which may be stale; set "
             "stale_if_error=false to fail instead"
         )
-        return Snapshot(
-            path=self.store.snapshot_path(record.key),
-            key=record.key,
-            source=record.source,
-            hit=True,
-            bytes_fetched=0,
-            files=len(record.files),
-            size=record.size,
-            seconds=time.monotonic() - started,
-            stale=True,
-            warning=warning,
-            lease_id=lease.lease_id if lease else None,
-        )
+        return self._served(record, lease, started, warning)
 
     # -- leases ------------------------------------------------------------
 
