@@ -154,24 +154,31 @@ def _command(
     return sub
 
 
+def _expand(text: str) -> Path:
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:  # "~user" naming no user
+        raise argparse.ArgumentTypeError(f"{text!r}: '~' names no known user") from None
+
+
 def _cache_dir_arg(text: str) -> Path:
     if not text.strip():
         raise argparse.ArgumentTypeError("the cache directory must not be empty")
-    path = Path(text).expanduser()
+    path = _expand(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} exists and is not a directory")
     return path
 
 
 def _output_file_arg(text: str) -> Path:
-    path = Path(text).expanduser()
+    path = _expand(text)
     if not text.strip() or path.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} is a directory, not a file to write")
     return path
 
 
 def _out_dir_arg(text: str) -> Path:
-    path = Path(text).expanduser()
+    path = _expand(text)
     if not text.strip() or (path.exists() and not path.is_dir()):
         raise argparse.ArgumentTypeError(f"{text!r} exists and is not a directory")
     return path

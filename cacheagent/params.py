@@ -96,7 +96,10 @@ def _bad(model: str, key: str, text: str, why: str = "") -> InvalidParameterErro
 
 def _parse_one(key: str, text: str, model: str, env: Mapping[str, str]) -> object:
     if key == "cache_dir":
-        path = Path(text).expanduser()
+        try:
+            path = Path(text).expanduser()
+        except RuntimeError:  # "~user" naming no user
+            raise _bad(model, key, text, "'~' names no known user") from None
         if not text or not path.is_absolute():
             raise _bad(model, key, text, "it must be an absolute path")
         return path

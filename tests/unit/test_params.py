@@ -72,3 +72,9 @@ def test_unknown_parameter_lists_accepted_keys():
     assert "unknown cacheagent parameter 'cache_size'" in message
     for key in PARAMETERS:
         assert key in message
+
+
+def test_cache_dir_naming_an_unknown_user_is_a_parameter_error():
+    # Found by Hypothesis: Path("~0").expanduser() raises RuntimeError.
+    with pytest.raises(InvalidParameterError, match="names no known user"):
+        parse_params({"cache_dir": "~0"}, "m", {})
