@@ -28,6 +28,7 @@ import pytest
 from cacheagent.install import LAUNCHER_NAME, install_triton, launcher_script
 
 from .triton import (
+    MODEL_PY,
     WORKER_MARKER,
     TritonHTTPError,
     TritonServer,
@@ -86,7 +87,8 @@ def handler(request, log):
         out.write(json.dumps(request) + "\\n")
     plan_file = HERE / "plan.json"
     plan = json.loads(plan_file.read_text()) if plan_file.exists() else {}
-    step = plan.get(request["action"], "ok")
+    model = (request.get("config") or {}).get("name", "")
+    step = plan.get(request["action"] + ":" + model, plan.get(request["action"], "ok"))
     log("WARN", "fake worker: " + request["action"] + " -> " + step + "\\nsecond line")
     if step == "crash":
         os._exit(3)
@@ -94,6 +96,11 @@ def handler(request, log):
         time.sleep(3600)
     if step.startswith("sleep:"):
         time.sleep(float(step[len("sleep:"):]))
+    if step.startswith("gate:"):
+        gate = HERE / step[len("gate:"):]
+        deadline = time.monotonic() + 60
+        while not gate.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
     if step == "bug":
         raise KeyError("boom")
     if step.startswith("error:"):
@@ -120,8 +127,26 @@ class FakeAgent:
         self.launcher.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{script}"\n')
 
     def plan(self, **steps: str) -> None:
-        """Per action: ok, crash, hang, sleep:SECONDS, bug, error:MSG or redirect:DIR."""
+        """Per action: ok, crash, hang, sleep:SECONDS, gate:FILE, bug, error:MSG or redirect:DIR.
+
+        A key ``ACTION:model`` applies to that model only and wins over ``ACTION``;
+        ``gate:FILE`` blocks until :meth:`open_gate` creates FILE (60 s at most).
+        """
         (self.dir / "plan.json").write_text(json.dumps(steps))
+
+    def open_gate(self, name: str) -> None:
+        """Release every action waiting on ``gate:name``."""
+        (self.dir / name).touch()
+
+    def wait_request(self, action: str, model: str, timeout: float = 60.0) -> None:
+        """Wait until the worker has received ``action`` for ``model``."""
+        deadline = time.monotonic() + timeout
+        while not any(
+            r["action"] == action and r.get("config", {}).get("name") == model
+            for r in self.requests()
+        ):
+            assert time.monotonic() < deadline, f"no {action} of {model} reached the worker"
+            time.sleep(0.05)
 
     def requests(self) -> list[dict[str, Any]]:
         path = self.dir / "requests.jsonl"
@@ -472,7 +497,13 @@ def test_action_timeout_kills_busy_worker(
 def test_concurrent_explicit_loads_are_serialized(
     triton_factory: Factory, repo: Path, fake_agent: FakeAgent
 ) -> None:
-    fake_agent.plan(LOAD="sleep:3")
+    # Made deterministic with gates rather than sleeps: add's backend start waits
+    # for "add-go", add2's LOAD waits for "add2-go". add's LOAD_COMPLETE therefore
+    # reaches the shim exactly while add2's LOAD holds the worker.
+    add_go = fake_agent.dir / "add-go"
+    model_py = repo / "add" / "1" / "model.py"
+    model_py.write_text(gated_model_py(add_go))
+    fake_agent.plan(**{"LOAD:add2": "gate:add2-go"})
     server = triton_factory(repo, repoagent_dir=fake_agent.root)
     errors: list[BaseException] = []
 
@@ -482,17 +513,36 @@ def test_concurrent_explicit_loads_are_serialized(
         except BaseException as exc:  # reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=load, args=(n,)) for n in ("add", "add2")]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    threads = {n: threading.Thread(target=load, args=(n,)) for n in ("add", "add2")}
+    try:
+        threads["add"].start()
+        fake_agent.wait_request("LOAD", "add")
+        threads["add2"].start()
+        fake_agent.wait_request("LOAD", "add2")
+        add_go.touch()
+        log = server.wait_log("waits for another model's action", timeout=60)
+    finally:
+        add_go.touch()
+        fake_agent.open_gate("add2-go")
+        for thread in threads.values():
+            if thread.ident is not None:
+                thread.join(60)
+    assert any("LOAD_COMPLETE of" in ln and "waits for another" in ln for ln in log.splitlines())
     assert not errors
     assert_serving(server, "add", WEIGHTS)
     assert_serving(server, "add2", [0.5] * 4)
     loads = [r for r in fake_agent.requests() if r["action"] == "LOAD"]
     assert sorted(r["config"]["name"] for r in loads) == ["add", "add2"]
-    # Triton runs one LOAD at a time, but add's LOAD_COMPLETE (from its loader
-    # thread, ~1.5 s after its LOAD) arrives while add2's 3 s LOAD is still running.
-    log = server.wait_log("waits for another model's action")
-    assert any("LOAD_COMPLETE of" in ln and "waits for another" in ln for ln in log.splitlines())
+
+
+def gated_model_py(gate: Path) -> str:
+    """The add model, whose backend start waits (60 s at most) until ``gate`` exists."""
+    wait = (
+        "        import time\n"
+        f"        gate, deadline = {str(gate)!r}, time.monotonic() + 60\n"
+        "        while not os.path.exists(gate) and time.monotonic() < deadline:\n"
+        "            time.sleep(0.02)\n"
+    )
+    marker = "    def initialize(self, args):\n"
+    assert marker in MODEL_PY
+    return MODEL_PY.replace(marker, marker + wait)
