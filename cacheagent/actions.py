@@ -15,18 +15,23 @@ time.
 
 from __future__ import annotations
 
+import functools
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .cache import Cache, LeaseSpec, Snapshot
-from .fetch import FetchSettings
+from .location import parse_location
 from .params import AgentParams, parse_params
-from .prefetch import Prefetcher
+from .remote import start_listing
 from .sizes import format_size
-from .stub import remote_config_changed
+from .stubmark import remote_config_changed
 from .versions import policy_selector
+
+if TYPE_CHECKING:
+    from .cache import Cache, Snapshot
+    from .prefetch import Prefetcher
 
 LogFn = Callable[[str, str], None]
 
@@ -62,6 +67,12 @@ def lease_id(request: dict[str, Any]) -> str:
 
 def cache_for(params: AgentParams) -> Cache:
     """The open cache for these parameters, reusing one per directory."""
+    # The cache and its index (diskcache, SQLite) are imported on first use, not
+    # with this module: a fresh worker's first LOAD starts its listing first, so
+    # the storage round trip overlaps these imports (see _load).
+    from .cache import Cache
+    from .fetch import FetchSettings
+
     cache = _CACHES.get(params.cache_dir)
     if cache is None:
         cache = Cache(params.cache_dir)
@@ -73,20 +84,34 @@ def cache_for(params: AgentParams) -> Cache:
     return cache
 
 
-PREFETCHER = Prefetcher(cache_for)
+@functools.cache
+def prefetcher() -> Prefetcher:
+    """The worker's one prefetcher (built on first use, like the cache)."""
+    from .prefetch import Prefetcher
+
+    return Prefetcher(cache_for)
 
 
 def _load(request: dict[str, Any], params: AgentParams, model: str, log: LogFn) -> str | None:
     if params.source is None and request.get("artifact_type") != "REMOTE_FILESYSTEM":
         log("VERBOSE", f"cacheagent: model '{model}' is local; loading it untouched")
         return None
-    location = params.source or str(request.get("location", ""))
+    started = time.monotonic()
+    location = parse_location(params.source or str(request.get("location", "")))
     config = request.get("config") if isinstance(request.get("config"), dict) else None
     select = policy_selector(config) if params.versions == "policy" else None
+    listed = start_listing(location, select)
     cache = cache_for(params)
+    from .cache import LeaseSpec  # already imported by cache_for
+
     pid = int(request.get("server_pid") or os.getppid())
     snapshot = cache.fetch(
-        location, select=select, model=model, lease=LeaseSpec(lease_id(request), pid, model)
+        location,
+        select=select,
+        model=model,
+        lease=LeaseSpec(lease_id(request), pid, model),
+        listed=listed,
+        started=started,
     )
     log("INFO", load_line(model, snapshot))
     if snapshot.warning:
@@ -94,7 +119,7 @@ def _load(request: dict[str, Any], params: AgentParams, model: str, log: LogFn) 
     if params.source and request.get("artifact_type") == "FILESYSTEM":
         _warn_if_stub_outdated(str(request.get("location", "")), snapshot, model, log)
     if params.prefetch:
-        PREFETCHER.after_load(str(request.get("location", "")), model)
+        prefetcher().after_load(str(request.get("location", "")), model)
     return str(snapshot.path)
 
 

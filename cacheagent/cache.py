@@ -20,21 +20,12 @@ from .index import Index, LeaseRecord, SnapshotRecord
 from .location import Location, parse_location
 from .locks import file_lock
 from .manifest import FileEntry, Manifest, manifest_from_records
+from .params import default_cache_dir
 from .remote import list_manifest
 from .sizes import format_size
 from .store import Store
 
 VERIFY_MODES = ("size", "hash", "none")
-CACHE_DIR_ENV = "CACHEAGENT_CACHE_DIR"
-
-
-def default_cache_dir(env: Mapping[str, str] | None = None) -> Path:
-    """$CACHEAGENT_CACHE_DIR, else $XDG_CACHE_HOME/cacheagent, else ~/.cache/cacheagent."""
-    env = os.environ if env is None else env
-    if env.get(CACHE_DIR_ENV):
-        return Path(env[CACHE_DIR_ENV]).expanduser()
-    base = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "cacheagent"
 
 
 @dataclass(frozen=True)
@@ -157,19 +148,24 @@ class Cache:
         lease: LeaseSpec | None = None,
         progress: ProgressFn | None = None,
         on_plan: Callable[[int, int], None] | None = None,
+        listed: Callable[[], Manifest] | None = None,
+        started: float | None = None,
     ) -> Snapshot:
         """Return a local snapshot of ``location``, downloading only what is missing.
 
         ``select`` keeps only some relative paths (version-aware fetch).
         ``lease`` is recorded before the snapshot can be evicted.
         ``on_plan(files, bytes)`` is told what a miss will download.
+        ``listed`` is a listing of ``location`` with ``select`` already under way
+        (:func:`cacheagent.remote.start_listing`), used instead of listing again;
+        ``started`` (a ``time.monotonic()`` stamp) is then when it started.
         """
-        started = time.monotonic()
+        started = time.monotonic() if started is None else started
         loc = self.parse(location)
         fs = None  # built on a miss only: a hit lists without importing the SDK
         model = model or os.path.basename(loc.root.rstrip("/"))
         try:
-            manifest = list_manifest(loc, fs, select)
+            manifest = listed() if listed else list_manifest(loc, fs, select)
         except StorageUnavailableError as exc:
             stale = self._stale_snapshot(loc, lease, started, exc)
             if stale is None:

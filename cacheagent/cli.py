@@ -13,10 +13,10 @@ from typing import Any, TextIO
 
 from . import __version__
 from .atomic import write_text_atomically
-from .cache import Cache, Snapshot, default_cache_dir
+from .cache import Cache, Snapshot
 from .errors import CacheAgentError, InvalidLocationError, InvalidParameterError
 from .fetch import DEFAULT_CONCURRENCY, DEFAULT_PART_SIZE, FetchSettings
-from .params import MAX_CONCURRENCY, MAX_PART_SIZE, MIN_PART_SIZE
+from .params import MAX_CONCURRENCY, MAX_PART_SIZE, MIN_PART_SIZE, default_cache_dir
 from .sizes import ACCEPTED_SIZE_FORMS, format_size, parse_size
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CORRUPT, EXIT_REPAIRED = 0, 1, 2, 3, 4

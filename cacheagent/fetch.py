@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -22,6 +21,8 @@ from .remote import read_range
 from .store import BlobWriter, Store
 
 if TYPE_CHECKING:  # fsspec costs 70 ms to import; a hit never needs it
+    from concurrent.futures import Future
+
     import fsspec
 
 ProgressFn = Callable[[int], None]
@@ -140,6 +141,9 @@ def download(
     run = _Download(fs, location, store, settings or FetchSettings(), progress)
     # Largest first: the long transfers start early and small files fill the gaps.
     ordered = sorted(entries, key=lambda e: e.size, reverse=True)
+    # Imported here: a worker answering hits never needs a pool (see actions.py).
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
     futures: list[Future[None]] = []
     with ThreadPoolExecutor(
         run.settings.concurrency, thread_name_prefix="cacheagent-fetch"

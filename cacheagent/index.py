@@ -22,6 +22,7 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ COUNTERS = (
     "bytes_evicted",
     "corrupt_repaired",
 )
+_TABLES = ("_snapshots", "_sources", "_contents", "_leases", "_counters")
 _SETTINGS = {"eviction_policy": "none", "size_limit": 2**62, "statistics": False}
 
 
@@ -102,16 +104,38 @@ class Index:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self._snapshots = diskcache.Cache(str(root / "snapshots"), **_SETTINGS)
-        self._sources = diskcache.Cache(str(root / "sources"), **_SETTINGS)
-        self._contents = diskcache.Cache(str(root / "contents"), **_SETTINGS)
-        self._leases = diskcache.Cache(str(root / "leases"), **_SETTINGS)
-        self._counters = diskcache.Cache(str(root / "counters"), **_SETTINGS)
+
+    # Each table is opened on first use: a hit touches two of the five, and every
+    # SQLite open (connect, pragmas, schema check) costs a fresh worker milliseconds.
+    @cached_property
+    def _snapshots(self) -> diskcache.Cache:
+        return self._open("snapshots")
+
+    @cached_property
+    def _sources(self) -> diskcache.Cache:
+        return self._open("sources")
+
+    @cached_property
+    def _contents(self) -> diskcache.Cache:
+        return self._open("contents")
+
+    @cached_property
+    def _leases(self) -> diskcache.Cache:
+        return self._open("leases")
+
+    @cached_property
+    def _counters(self) -> diskcache.Cache:
+        return self._open("counters")
+
+    def _open(self, table: str) -> diskcache.Cache:
+        return diskcache.Cache(str(self.root / table), **_SETTINGS)
 
     def close(self) -> None:
-        """Close the SQLite connections."""
-        for table in (self._snapshots, self._sources, self._contents, self._leases, self._counters):
-            table.close()
+        """Close the SQLite connections opened so far."""
+        for name in _TABLES:
+            table = self.__dict__.get(name)
+            if table is not None:
+                table.close()
 
     # -- snapshots ---------------------------------------------------------
 

@@ -16,6 +16,8 @@ from .fetch import DEFAULT_CONCURRENCY, DEFAULT_PART_SIZE
 from .location import ACCEPTED_FORMS, parse_location
 from .sizes import ACCEPTED_SIZE_FORMS, parse_size
 
+CACHE_DIR_ENV = "CACHEAGENT_CACHE_DIR"
+
 MIN_PART_SIZE = 1024 * 1024
 MAX_PART_SIZE = 1024**3
 MAX_CONCURRENCY = 64
@@ -67,12 +69,19 @@ class AgentParams:
     extra: dict[str, str] = field(default_factory=dict)
 
 
+def default_cache_dir(env: Mapping[str, str] | None = None) -> Path:
+    """$CACHEAGENT_CACHE_DIR, else $XDG_CACHE_HOME/cacheagent, else ~/.cache/cacheagent."""
+    env = os.environ if env is None else env
+    if env.get(CACHE_DIR_ENV):
+        return Path(env[CACHE_DIR_ENV]).expanduser()
+    base = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "cacheagent"
+
+
 def parse_params(
     raw: Mapping[str, str], model: str, env: Mapping[str, str] | None = None
 ) -> AgentParams:
     """Validate the raw key/value pairs from config.pbtxt; raise InvalidParameterError."""
-    from .cache import default_cache_dir
-
     env = os.environ if env is None else env
     unknown = sorted(set(raw) - set(PARAMETERS))
     if unknown:

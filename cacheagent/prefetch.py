@@ -22,7 +22,7 @@ from .cache import Cache
 from .errors import CacheAgentError
 from .location import Location, parse_location
 from .params import AgentParams, parse_params
-from .remote import list_model_names
+from .remote import list_model_names, read_file
 from .versions import policy_selector
 
 AGENT_NAME = "cacheagent"
@@ -116,9 +116,8 @@ class Prefetcher:
 
     def _fetch_sibling(self, repo: Location, name: str) -> None:
         model = repo.child(name)
-        fs = model.filesystem()
         try:
-            text = fs.cat_file(f"{model.root}/config.pbtxt")
+            text = read_file(model, "config.pbtxt", delays=())
         except FileNotFoundError:
             return
         config = pbtxt.parse(text)

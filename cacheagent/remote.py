@@ -6,6 +6,8 @@ worded for an operator, with secrets scrubbed from anything quoted.
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -19,7 +21,7 @@ from .errors import (
 )
 from .location import Location
 from .manifest import Manifest, build_manifest
-from .s3list import can_read, fast_find, fast_read
+from .s3list import can_read, fast_cat, fast_find, fast_read, fast_subdirs
 
 if TYPE_CHECKING:
     import fsspec
@@ -56,6 +58,35 @@ def list_manifest(
     return _manifest_or_not_found(location, found, select)
 
 
+def start_listing(
+    location: Location, select: Callable[[Iterable[str]], set[str]] | None = None
+) -> Callable[[], Manifest]:
+    """Start :func:`list_manifest` in a thread; the returned call waits for its result.
+
+    The result is the manifest, or the listing's error raised again in the caller.
+    A fresh worker starts its first listing this way before it imports and opens
+    the cache, so the storage round trip overlaps that work instead of adding to it.
+    """
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append(list_manifest(location, None, select))
+        except BaseException as exc:  # handed to the caller, who handles it as usual
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, name="cacheagent-listing", daemon=True)
+    thread.start()
+
+    def result() -> Manifest:
+        thread.join()
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        return outcome[0]
+
+    return result
+
+
 def _manifest_or_not_found(
     location: Location,
     found: dict[str, dict[str, Any]],
@@ -75,12 +106,54 @@ def list_model_names(
     fs: fsspec.AbstractFileSystem | None = None,
     delays: tuple[float, ...] | None = None,
 ) -> list[str]:
-    """The names of the directories directly below a repository (its models), sorted."""
+    """The names of the directories directly below a repository (its models), sorted.
+
+    Local directories and S3 with static credentials are listed without fsspec:
+    the prefetcher calls this while Triton starts its backends, and importing an
+    SDK then would take CPU from Triton's own start.
+    """
+    if fs is None and not repository.is_remote:
+        return with_retries(lambda: _local_subdirs(repository.root), repository, "list", delays)
+    if fs is None and repository.scheme == "s3":
+        fast = fast_subdirs(repository)
+        if fast is not None:
+            return fast
     fs = fs or repository.filesystem()
     entries = with_retries(lambda: fs.ls(repository.root, detail=True), repository, "list", delays)
     return sorted(
         e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory"
     )
+
+
+def _local_subdirs(root: str) -> list[str]:
+    with os.scandir(root) as entries:
+        return sorted(e.name for e in entries if e.is_dir())
+
+
+def read_file(
+    location: Location,
+    relpath: str,
+    fs: fsspec.AbstractFileSystem | None = None,
+    delays: tuple[float, ...] | None = None,
+) -> bytes:
+    """The whole (small) file ``relpath`` below ``location``, e.g. a model's config.pbtxt.
+
+    Raises the package's errors, :class:`RemoteNotFoundError` if it does not exist.
+    Like :func:`list_model_names`, it avoids fsspec where it can.
+    """
+    if fs is None and not location.is_remote:
+        path = os.path.join(location.root, relpath)
+        return with_retries(lambda: _read_local(path), location, "read", delays)
+    if fs is None and can_read(location):
+        return with_retries(lambda: fast_cat(location, relpath), location, "read", delays)
+    filesystem = fs or location.filesystem()
+    path = f"{location.root}/{relpath}"
+    return with_retries(lambda: filesystem.cat_file(path), location, "read", delays)
+
+
+def _read_local(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def read_range(

@@ -122,15 +122,32 @@ def can_read(location: Location) -> bool:
 
 def fast_find(location: Location) -> dict[str, dict[str, Any]] | None:
     """List ``location`` recursively like ``s3fs.find(detail=True)``; None if not possible."""
+    listed = _list(location, delimiter=None)
+    return None if listed is None else listed[0]
+
+
+def fast_subdirs(location: Location) -> list[str] | None:
+    """The names of the directories directly below ``location``; None if not possible."""
+    listed = _list(location, delimiter="/")
+    if listed is None:
+        return None
+    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in listed[1])
+
+
+def _list(
+    location: Location, delimiter: str | None
+) -> tuple[dict[str, dict[str, Any]], list[str]] | None:
     target = _target(location)
     if target is None:
         return None
     parsed, key, secret, region, token = target
     bucket, _, prefix = location.root.partition("/")
+    query = {"list-type": "2", "prefix": prefix.rstrip("/") + "/" if prefix else ""}
+    query["encoding-type"] = "url"
+    if delimiter:
+        query["delimiter"] = delimiter
     try:
-        return _list_all(
-            parsed, bucket, prefix.rstrip("/") + "/" if prefix else "", key, secret, region, token
-        )
+        return _list_all(parsed, bucket, query, key, secret, region, token)
     except (OSError, http.client.HTTPException, ET.ParseError, ValueError):
         return None
 
@@ -156,13 +173,24 @@ def _connection(endpoint: urllib.parse.SplitResult) -> http.client.HTTPConnectio
 
 def fast_read(location: Location, relpath: str, start: int, end: int) -> bytes:
     """Bytes [start, end) of ``<location>/<relpath>`` by one signed ranged GET."""
+    body, status = _get(location, relpath, f"bytes={start}-{end - 1}")
+    return body if status == 206 else body[start:end]
+
+
+def fast_cat(location: Location, relpath: str) -> bytes:
+    """The whole object ``<location>/<relpath>`` by one signed GET (small files: configs)."""
+    return _get(location, relpath, None)[0]
+
+
+def _get(location: Location, relpath: str, byte_range: str | None) -> tuple[bytes, int]:
     target = _target(location)
     if target is None:
         raise ValueError(f"{location.url} has no static credentials for the fast S3 client")
     parsed, key, secret, region, token = target
     raw_path = f"/{location.root}/{relpath}"
     headers = sign_get(parsed.netloc, raw_path, {}, key, secret, region, token)
-    headers["range"] = f"bytes={start}-{end - 1}"
+    if byte_range:
+        headers["range"] = byte_range
     headers["user-agent"] = USER_AGENT
     connection = _connection(parsed)
     try:
@@ -178,23 +206,24 @@ def fast_read(location: Location, relpath: str, start: int, end: int) -> bytes:
         raise PermissionError(f"HTTP {response.status} for {location.url}/{relpath}")
     if response.status not in (200, 206):
         raise HTTPStatusError(response.status, response.reason)
-    return body if response.status == 206 else body[start:end]
+    return body, response.status
 
 
 def _list_all(
     endpoint: urllib.parse.SplitResult,
     bucket: str,
-    prefix: str,
+    query: dict[str, str],
     key: str,
     secret: str,
     region: str,
     token: str | None,
-) -> dict[str, dict[str, Any]] | None:
+) -> tuple[dict[str, dict[str, Any]], list[str]] | None:
+    """Every page of one ListObjectsV2: (objects like s3fs's find, common prefixes)."""
     host = endpoint.netloc
     cls = http.client.HTTPSConnection if endpoint.scheme == "https" else http.client.HTTPConnection
     connection = cls(endpoint.hostname, endpoint.port, timeout=TIMEOUT_S)
     found: dict[str, dict[str, Any]] = {}
-    query = {"list-type": "2", "prefix": prefix, "encoding-type": "url"}
+    prefixes: list[str] = []
     try:
         while True:
             path = f"/{bucket}"
@@ -217,8 +246,10 @@ def _list_all(
                     "ETag": item.findtext(f"{_NS}ETag") or "",
                     "type": "file",
                 }
+            for item in root.iter(f"{_NS}CommonPrefixes"):
+                prefixes.append(urllib.parse.unquote_plus(item.findtext(f"{_NS}Prefix") or ""))
             if (root.findtext(f"{_NS}IsTruncated") or "").lower() != "true":
-                return found
+                return found, prefixes
             query["continuation-token"] = root.findtext(f"{_NS}NextContinuationToken") or ""
             if not query["continuation-token"]:
                 return None

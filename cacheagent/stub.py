@@ -16,12 +16,9 @@ config in every snapshot it serves and warns when they differ. Re-running
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import xxhash
 
 from . import pbtxt
 from .atomic import write_text_atomically
@@ -29,9 +26,8 @@ from .errors import CacheAgentError, InvalidParameterError
 from .location import parse_location
 from .params import parse_params
 from .prefetch import AGENT_NAME, agent_parameters
-from .remote import list_model_names, with_retries
-
-HEADER_RE = re.compile(r"^# cacheagent stub of (\S+); remote config xxh3-128 ([0-9a-f]{32})$", re.M)
+from .remote import list_model_names, read_file
+from .stubmark import mark_line
 
 
 @dataclass
@@ -40,17 +36,6 @@ class StubReport:
 
     written: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
-
-
-def config_digest(text: bytes) -> str:
-    """The hash a stub records of the remote config it was made from."""
-    return xxhash.xxh3_128_hexdigest(text)
-
-
-def recorded_digest(stub_config: str) -> tuple[str, str] | None:
-    """(source, digest) from a stub config's header line, or None for a hand-written config."""
-    match = HEADER_RE.search(stub_config)
-    return (match.group(1), match.group(2)) if match else None
 
 
 def strip_field(text: str, name: str) -> str:
@@ -141,7 +126,7 @@ def stub_config(remote_text: bytes, source: str, params: Mapping[str, str]) -> s
     )
     body = strip_field(text, "model_repository_agents").rstrip()
     return (
-        f"# cacheagent stub of {source}; remote config xxh3-128 {config_digest(remote_text)}\n"
+        f"{mark_line(source, remote_text)}\n"
         "# Made by 'cacheagent stub'; run it again when the remote config changes.\n"
         f"{body}\n"
         "model_repository_agents {\n"
@@ -165,16 +150,13 @@ def write_stub(
     if "source" in params:
         raise InvalidParameterError("stub sets 'source' itself; do not pass it as a parameter")
     repo = parse_location(repository, env)
-    fs = repo.filesystem()
-    names = list_model_names(repo, fs)
+    names = list_model_names(repo)
     report = StubReport()
     out.mkdir(parents=True, exist_ok=True)
     for name in names:
         model = repo.child(name)
         try:
-            text = with_retries(
-                lambda m=model: fs.cat_file(f"{m.root}/config.pbtxt"), model, "read"
-            )
+            text = read_file(model, "config.pbtxt")
         except CacheAgentError as exc:
             report.skipped[name] = f"no readable config.pbtxt ({exc})"
             continue
@@ -186,18 +168,3 @@ def write_stub(
         write_text_atomically(out / name / "config.pbtxt", config_text)
         report.written.append(name)
     return report
-
-
-def remote_config_changed(stub_config_text: str, snapshot_dir: Path) -> str | None:
-    """A warning if the snapshot's config.pbtxt differs from the one the stub was made from."""
-    recorded = recorded_digest(stub_config_text)
-    remote = snapshot_dir / "config.pbtxt"
-    if recorded is None or not remote.is_file():
-        return None
-    source, digest = recorded
-    if config_digest(remote.read_bytes()) == digest:
-        return None
-    return (
-        f"the remote config.pbtxt of {source} has changed since the stub was written; Triton "
-        "is still using the stub's copy: run 'cacheagent stub' again to update it"
-    )

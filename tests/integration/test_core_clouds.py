@@ -180,6 +180,30 @@ def test_s3_fast_listing_gives_the_same_manifest_as_s3fs(tmp_path, s3_rig):
     assert {k: v["ETag"] for k, v in fast.items()} == {k: v["ETag"] for k, v in slow.items()}
 
 
+def test_s3_fast_model_listing_and_reads_match_s3fs(s3_rig):
+    from cacheagent.errors import RemoteNotFoundError
+    from cacheagent.location import parse_location
+    from cacheagent.remote import list_model_names, read_file
+    from cacheagent.s3list import fast_cat, fast_subdirs
+
+    s3_rig.put_tree("repo/b", {"config.pbtxt": b"name: 'b'", "1/w.bin": b"w"})
+    s3_rig.put_tree("repo/a", {"config.pbtxt": b"name: 'a'"})
+    s3_rig.put_tree("repo/only marker+", {"": b""})  # a "dir/" marker object, no files
+    s3_rig.put_tree("repo", {"README.md": b"not a model"})
+    repo = parse_location(s3_rig.url("repo"), {**os.environ, **s3_rig.env})
+    fs = repo.filesystem()
+    fs.invalidate_cache()
+    assert fast_subdirs(repo) == list_model_names(repo, fs) == ["a", "b", "only marker+"]
+    assert fast_cat(repo.child("b"), "config.pbtxt") == b"name: 'b'"
+    assert read_file(repo.child("a"), "config.pbtxt") == read_file(
+        repo.child("a"), "config.pbtxt", fs
+    )
+    with pytest.raises(FileNotFoundError):
+        fast_cat(repo.child("a"), "missing")
+    with pytest.raises(RemoteNotFoundError):
+        read_file(repo.child("a"), "missing", delays=())
+
+
 def run_probe(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     """Run ``code`` in a fresh interpreter (so sys.modules shows what it imported)."""
     return subprocess.run(
@@ -204,6 +228,51 @@ def test_s3_hit_does_not_import_the_sdk(tmp_path, s3_rig):
     )
     out = run_probe(probe, env)
     assert out.stdout.split() == ["True", "False", "False"]
+
+
+def test_s3_stub_load_and_its_prefetch_import_no_fsspec(tmp_path, s3_rig):
+    # Prefetch lists the stub repository and reads sibling configs while Triton
+    # starts its backends; importing fsspec or an SDK then would take CPU from
+    # Triton's own start (measured: about 0.1 s of a warm start on 2 cores).
+    s3_rig.put_tree("models/a", small_files())
+    s3_rig.put_tree("models/b", {"1/w.bin": b"b" * 1000, "config.pbtxt": b"name: 'b'"})
+    cache_dir = tmp_path / "cache"
+    stub = tmp_path / "stub"
+    for name in ("a", "b"):
+        (stub / name).mkdir(parents=True)
+        (stub / name / "config.pbtxt").write_text(
+            f'name: "{name}"\nmodel_repository_agents {{ agents [ {{ name: "cacheagent", '
+            f'parameters [ {{ key: "source", value: "{s3_rig.url("models/" + name)}" }}, '
+            f'{{ key: "cache_dir", value: "{cache_dir}" }} ] }} ] }}\n'
+        )
+    (stub / "c").mkdir()  # a directory without config.pbtxt is skipped
+    request = {
+        "action": "LOAD",
+        "artifact_type": "FILESYSTEM",
+        "location": str(stub / "a"),
+        "handle": "0x1",
+        "server_pid": os.getpid(),
+        "params": {"cache_dir": str(cache_dir), "source": s3_rig.url("models/a")},
+        "config": {"name": "a"},
+    }
+    probe = (
+        "import json, sys\n"
+        "from cacheagent import actions\n"
+        "path = actions.handle(json.loads(sys.argv[1]), lambda *a: None)\n"
+        "for thread in actions.prefetcher().threads:\n"
+        "    thread.join(60)\n"
+        "print(bool(path), *(m in sys.modules for m in ('fsspec', 's3fs', 'botocore')))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe, json.dumps(request)],
+        env={**os.environ, **s3_rig.env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert out.stdout.split() == ["True", "False", "False", "False"]
+    assert sorted(r.model for r in Cache(cache_dir).snapshots()) == ["a", "b"]  # b: prefetched
 
 
 def test_bad_credentials_are_access_denied_never_an_outage(tmp_path, azure_rig):

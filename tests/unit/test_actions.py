@@ -1,6 +1,8 @@
 """The agent actions as the worker calls them, on real directories (no Triton here)."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -96,3 +98,19 @@ def test_bad_parameter_fails_the_load(tmp_path, logs):
     model = make_model(tmp_path / "add")
     with pytest.raises(InvalidParameterError, match=r"model 'add'.*'max_size'"):
         actions.handle(request("LOAD", model, tmp_path / "c", max_size="huge"), lambda *a: None)
+
+
+def test_a_fresh_worker_lists_before_it_imports_the_cache(tmp_path):
+    # The first LOAD of a fresh worker starts its listing before the cache, its
+    # SQLite index and the download pool are imported, so the storage round trip
+    # overlaps that work (bench/README.md has the timings; here only the order).
+    probe = (
+        "import sys, cacheagent.worker, cacheagent.actions\n"
+        "heavy = ('cacheagent.cache', 'diskcache', 'sqlite3', 'concurrent.futures',\n"
+        "         'cacheagent.prefetch', 'cacheagent.pbtxt', 'fsspec')\n"
+        "print(' '.join(m for m in heavy if m in sys.modules) or 'none')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.strip() == "none"

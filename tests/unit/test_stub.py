@@ -8,7 +8,8 @@ from cacheagent import actions, pbtxt
 from cacheagent.cli import main
 from cacheagent.errors import InvalidParameterError
 from cacheagent.prefetch import agent_parameters
-from cacheagent.stub import recorded_digest, strip_field, stub_config, write_stub
+from cacheagent.stub import strip_field, stub_config, write_stub
+from cacheagent.stubmark import recorded_digest
 
 CONFIG = b"""name: "add"  # the model
 backend: "python"
