@@ -477,7 +477,10 @@ def targets(results: dict) -> list[list[str]]:
         how = "ratio, loopback"
         bound = _rig_bound(res, raw_link)
         if bound == bound:
-            how += f"; the best this rig allows, (warm + bytes / raw link) / native: {bound:.2f}"
+            how += (
+                "; rig estimate, (median warm + bytes at raw link rate) / median native: "
+                f"{bound:.2f}"
+            )
         add(f"cold/native <= {limit} ({name})", cn, cn.mid <= limit if cn.n else None, how)
     link_runs = (results.get("link") or {}).get("runs")
     link_sizes = dict((results.get("link") or {}).get("sizes") or {})
@@ -868,6 +871,21 @@ def _render_link(link: dict) -> list[str]:
                 f"{_pair_ratio(runs_m, 'cold-stub', 'cold-stub-naive', 'agent_seconds').fmt()}.",
                 "",
             ]
+        cap_s = many["size"] / link["total_Bps"]
+        floor_s = _median(runs_m.get("floor-stub", []), "seconds")
+        link_use = [
+            f"{mode} {(_median(runs_m[mode], 'seconds') - floor_s) / cap_s:.2f}x"
+            for mode in ("cold-stub", "cold-stub-noprefetch")
+            if mode in runs_m and floor_s == floor_s
+        ]
+        if link_use:
+            out += [
+                "Stub repository, start minus floor-stub over the bytes at the total cap "
+                f"(medians): {', '.join(link_use)}. Each model's parts already fill the link, "
+                "so with or without prefetch the start is bound by the link; prefetch can only "
+                "save what lies between models.",
+                "",
+            ]
         out += [
             f"Fetching the {fmt_bytes(many['size'])} at the total cap takes "
             f"{many['size'] / link['total_Bps']:.2f} s; one model after another at one "
@@ -909,7 +927,7 @@ def _rig_bound(result: dict, raw_link_Bps: float) -> float:
     runs = result["runs"]
     if raw_link_Bps != raw_link_Bps or "warm" not in runs or "native" not in runs:
         return NAN
-    size = result.get("size") or 0
+    size = result.get("size") or (result.get("case") or {}).get("size") or 0
     warm, native = _median(runs["warm"], "seconds"), _median(runs["native"], "seconds")
     return (warm + size / raw_link_Bps) / native if size and native else NAN
 
