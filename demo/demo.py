@@ -3,15 +3,24 @@
 It starts moto (S3, with ranged reads served in proportion to the range, as
 real object stores do: see bench/moto_ranged.py) behind a counting proxy, uploads a sample model
 repository twice (once as Triton users have it, once with the cacheagent
-section in config.pbtxt), then starts Triton three times:
+section in config.pbtxt), then starts Triton four times:
 
 1. native: Triton downloads the models from S3 itself;
 2. cacheagent, cold: the agent fetches them into an empty cache;
-3. cacheagent, cached: a restart, served from the cache.
+3. cacheagent, cached: a restart, served from the cache;
+4. the same from a stub repository (``cacheagent stub``): Triton reads local configs
+   and never walks the bucket itself; only the agent lists it.
 
 It prints seconds to READY, and the requests and bytes storage served, for each.
 
-Run: ``python -m demo.demo [--size-mb 256] [--models 2]`` (README's first command does it).
+By default the proxy shapes the link like a cloud bucket seen from one VM: 20 MB/s per
+connection, 160 MB/s in all, 20 ms per request (a real cloud's ~50 / 400 MB/s scaled
+to what two cores running the emulator, the proxy and Triton can move). On bare
+loopback (``--link loopback``) the emulator hands Triton's one-object-at-a-time
+download a few hundred MB/s, which no cloud does.
+
+Run: ``python -m demo.demo [--size-mb 128] [--models 2] [--link cloud|loopback]``
+(README's first command does it).
 """
 
 from __future__ import annotations
@@ -30,9 +39,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.common import RangedMotoS3  # noqa: E402
+from bench.common import RangedMotoS3, set_link  # noqa: E402
 from cacheagent.install import install_triton  # noqa: E402
 from cacheagent.sizes import format_size  # noqa: E402
+from cacheagent.stub import write_stub  # noqa: E402
 from tests.e2e.triton import (  # noqa: E402
     MODEL_PY,
     TritonServer,
@@ -76,8 +86,14 @@ def check_inference(server: TritonServer, name: str) -> None:
         raise SystemExit(f"model {name} answered {got}, expected [11, 22, 33, 44]")
 
 
-def run(size: int, model_count: int, workdir: Path) -> list[tuple[str, float, int, int]]:
-    """Run the three starts; return (label, seconds, requests, bytes) rows."""
+#: (per-connection bytes/s, total bytes/s, seconds per request) of the cloud-like link.
+CLOUD_LINK = (20e6, 160e6, 0.020)
+
+
+def run(
+    size: int, model_count: int, workdir: Path, cloud_link: bool = True
+) -> list[tuple[str, float, int, int]]:
+    """Run the four starts; return (label, seconds, requests, bytes) rows."""
     paths = prepare_triton()
     repoagent_dir = workdir / "repoagents"
     install_triton(repoagent_dir)
@@ -97,16 +113,30 @@ def run(size: int, model_count: int, workdir: Path) -> list[tuple[str, float, in
         for name in names:
             rig.put_tree(f"native/{name}", sample_model(name, size, None))
             rig.put_tree(f"agent/{name}", sample_model(name, size, agent))
+        if cloud_link:
+            per_conn, total, latency = CLOUD_LINK
+            set_link(rig, per_conn, total, latency)
+            print(
+                f"link shaped like a cloud bucket: {per_conn / 1e6:.0f} MB/s per connection, "
+                f"{total / 1e6:.0f} MB/s in all, {latency * 1000:.0f} ms per request "
+                "(--link loopback for none)",
+                flush=True,
+            )
+        # `cacheagent stub`: a local repository of configs whose agent section names
+        # the models in S3, so Triton itself never walks the bucket.
+        stub_dir = workdir / "stub"
+        write_stub(rig.url("agent"), stub_dir, env={**os.environ, **rig.env})
         starts = [
-            ("Triton native (S3)", "native", None),
-            ("cacheagent, cold cache", "agent", repoagent_dir),
-            ("cacheagent, cached (restart)", "agent", repoagent_dir),
+            ("Triton native (S3)", rig.url("native"), None),
+            ("cacheagent, cold cache", rig.url("agent"), repoagent_dir),
+            ("cacheagent, cached (restart)", rig.url("agent"), repoagent_dir),
+            ("cacheagent, cached, stub repo", str(stub_dir), repoagent_dir),
         ]
-        for label, prefix, agent_dir in starts:
+        for label, repository, agent_dir in starts:
             rig.proxy.reset()
             server = TritonServer(
                 paths,
-                rig.url(prefix),
+                repository,
                 workdir / f"triton-{len(rows)}.log",
                 repoagent_dir=agent_dir,
                 model_control_mode="none",
@@ -140,24 +170,31 @@ def print_table(rows: list[tuple[str, float, int, int]]) -> None:
             f"| {label:30} | {seconds:16.2f} | {requests:8d} | {format_size(nbytes):>13} |"
             f" {ratio:>9} |"
         )
-    cached = rows[-1]
+    cached, stub = rows[2], rows[3]
     print()
     print(
         f"The cached start pulled {format_size(cached[3])} instead of {format_size(native_bytes)}"
-        " (listings and config.pbtxt only: zero bytes of model files)."
+        " (Triton's own listings and config.pbtxt: zero bytes of model files); from the stub"
+        f" repository {stub[2]} request(s) and {format_size(stub[3])} (the agent's listings only)."
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size-mb", type=int, default=256, help="parameter bytes per model")
+    parser.add_argument("--size-mb", type=int, default=128, help="parameter MiB per model")
     parser.add_argument("--models", type=int, default=2, help="models in the repository")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument(
+        "--link",
+        choices=("cloud", "loopback"),
+        default="cloud",
+        help="shape the emulator's link like a cloud bucket (default) or leave it bare",
+    )
     args = parser.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="cacheagent-demo-"))
     try:
-        rows = run(args.size_mb * 1024 * 1024, args.models, workdir)
+        rows = run(args.size_mb * 1024 * 1024, args.models, workdir, args.link == "cloud")
         print_table(rows)
     finally:
         if args.keep:
