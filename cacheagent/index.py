@@ -19,10 +19,10 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,6 @@ COUNTERS = (
     "bytes_evicted",
     "corrupt_repaired",
 )
-_TABLES = ("_snapshots", "_sources", "_contents", "_leases", "_counters")
 _SETTINGS = {"eviction_policy": "none", "size_limit": 2**62, "statistics": False}
 
 
@@ -104,38 +103,47 @@ class Index:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._tables: dict[str, diskcache.Cache] = {}
+        self._open_lock = threading.Lock()  # prefetch threads share the index
 
-    # Each table is opened on first use: a hit touches two of the five, and every
+    # Each table is opened on first use: a hit touches three of the five, and every
     # SQLite open (connect, pragmas, schema check) costs a fresh worker milliseconds.
-    @cached_property
+    def _table(self, name: str) -> diskcache.Cache:
+        table = self._tables.get(name)
+        if table is None:
+            with self._open_lock:
+                table = self._tables.get(name)
+                if table is None:
+                    table = diskcache.Cache(str(self.root / name), **_SETTINGS)
+                    self._tables[name] = table
+        return table
+
+    @property
     def _snapshots(self) -> diskcache.Cache:
-        return self._open("snapshots")
+        return self._table("snapshots")
 
-    @cached_property
+    @property
     def _sources(self) -> diskcache.Cache:
-        return self._open("sources")
+        return self._table("sources")
 
-    @cached_property
+    @property
     def _contents(self) -> diskcache.Cache:
-        return self._open("contents")
+        return self._table("contents")
 
-    @cached_property
+    @property
     def _leases(self) -> diskcache.Cache:
-        return self._open("leases")
+        return self._table("leases")
 
-    @cached_property
+    @property
     def _counters(self) -> diskcache.Cache:
-        return self._open("counters")
-
-    def _open(self, table: str) -> diskcache.Cache:
-        return diskcache.Cache(str(self.root / table), **_SETTINGS)
+        return self._table("counters")
 
     def close(self) -> None:
         """Close the SQLite connections opened so far."""
-        for name in _TABLES:
-            table = self.__dict__.get(name)
-            if table is not None:
-                table.close()
+        with self._open_lock:
+            tables, self._tables = list(self._tables.values()), {}
+        for table in tables:
+            table.close()
 
     # -- snapshots ---------------------------------------------------------
 
