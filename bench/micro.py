@@ -13,6 +13,11 @@ part of ``python -m bench.coldstart``. What it measures:
   (``cacheagent.remote.list_manifest``) and the rest (index lookup, size checks
   of every file, lease); plus publishing a 300-file snapshot from held blobs
   (the hardlinks a miss with all content already cached costs).
+* **worker start**: the real worker (``python -m cacheagent.worker``) and the
+  benchmark's do-nothing worker (``floor_worker.py``), each spawned fresh and
+  sent one hit LOAD the way the shim sends it, alternately: seconds from spawn
+  to the answer. Their difference is what a warm Triton start pays for the real
+  worker over any agent's floor.
 * **peak RSS** of ``cacheagent warm`` while fetching one large file (2 GiB; 512
   MiB with ``--quick``), read from that process's own rusage.
 """
@@ -205,6 +210,54 @@ def hit_probe(rig: StorageRig, location: str, model: str, cache_dir: Path, repea
     return data
 
 
+def worker_start_probe(
+    rig: StorageRig, location: str, model: str, cache_dir: Path, floor_root: Path, repeat: int
+) -> dict[str, list[float]]:
+    """Spawn-to-answer seconds of one hit LOAD: the real worker and the floor worker."""
+    request = {
+        "id": 1,
+        "action": "LOAD",
+        "artifact_type": "REMOTE_FILESYSTEM",
+        "location": location,
+        "handle": "0xbench",
+        "server_pid": os.getpid(),
+        "params": {"cache_dir": str(cache_dir)},
+        "config": {"name": model},
+    }
+    line = (json.dumps(request) + "\n").encode()
+    commands = {
+        "real": [sys.executable, "-m", "cacheagent.worker"],
+        "floor": [sys.executable, str(REPO_ROOT / "bench" / "floor_worker.py")],
+    }
+    env = {**os.environ, **rig.env, "BENCH_FLOOR_ROOT": str(floor_root)}
+    times: dict[str, list[float]] = {name: [] for name in commands}
+    for _ in range(repeat):
+        for name, command in commands.items():
+            started = time.perf_counter()
+            proc = subprocess.Popen(
+                command,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                env=env,
+                cwd=REPO_ROOT,
+            )
+            assert proc.stdin is not None and proc.stdout is not None
+            proc.stdin.write(line)
+            proc.stdin.flush()
+            answer = b""
+            while not answer.startswith((b"OK", b"ERR")):
+                answer = proc.stdout.readline()
+                if not answer:
+                    break
+            elapsed = time.perf_counter() - started
+            proc.stdin.close()
+            proc.wait(timeout=60)
+            if answer.startswith(b"OK"):
+                times[name].append(elapsed)
+    return times
+
+
 def rss_probe(rig: StorageRig, work: Path, size: int, settings: list[list[str]]) -> list[dict]:
     """Peak RSS of ``cacheagent warm`` fetching one ``size``-byte file, for each setting."""
     case = one_file_case("rss", size, "rss")
@@ -269,6 +322,10 @@ def run_micro(rig: StorageRig, work: Path, quick: bool) -> dict[str, Any]:
                 rig, f"{repos.agent}/{model}", model, cache_dir, 5 if quick else 15
             )
             hits[case.name]["label"] = case.label
+            hits[case.name]["worker_start"] = worker_start_probe(
+                rig, f"{repos.agent}/{model}", model, cache_dir, work / "local" / case.name,
+                7 if quick else 21,
+            )  # fmt: skip
         finally:
             force_rmtree(cache_dir)
             drop_case(rig, case.name, work)
@@ -340,6 +397,20 @@ def render_micro(micro: dict[str, Any]) -> str:
         ),
         "",
     ]
+    starts = [
+        (hit["label"], hit["worker_start"])
+        for hit in micro["hit"].values()
+        if "worker_start" in hit
+    ]
+    if starts:
+        out += ["### A fresh worker: spawn to the answer of one hit LOAD (median seconds)", ""]
+        rows = []
+        for label, ws in starts:
+            real = statistics.median(ws["real"]) if ws["real"] else float("nan")
+            floor = statistics.median(ws["floor"]) if ws["floor"] else float("nan")
+            rows.append([label, f"{real:.3f}", f"{floor:.3f}", f"{real - floor:.3f}"])
+        header = ["model", "cacheagent worker", "do-nothing worker", "difference"]
+        out += [md_table(header, rows), ""]
     if rss:
         out += ["### Peak RSS of `cacheagent warm` (one large file)", ""]
         out += [
