@@ -444,26 +444,29 @@ def targets(results: dict) -> list[list[str]]:
         verdict = "n/a" if ok is None else ("met" if ok else "**missed**")
         rows.append([name, value, how, verdict])
 
+    def at_most(name: str, spread: Spread, limit: float, how: str, digits: int = 2) -> None:
+        add(name, spread, spread.mid <= limit if spread.n else None, how, digits)
+
     sweep = results.get("sweep", {})
     for name, res in sweep.items():
         ratios = case_ratios(res)
         for key in ("warm/floor", "warm-stub/floor-stub"):
             if key in ratios:
                 wf = ratios[key]
-                add(
+                at_most(
                     f"warm within 1.1x of floor ({name}, {key})",
                     wf,
-                    wf.mid <= 1.1 if wf.n else None,
+                    1.1,
                     "ratio, median (min-max)",
                 )
     for name, limit in (("300files", 0.15), ("4mb", 0.05), ("256mb", 0.05), ("1gb", 0.05)):
         for mode in ("warm", "warm-stub"):
             if name in sweep and mode in sweep[name]["runs"]:
                 agent = Spread.of(r["agent_seconds"] for r in sweep[name]["runs"][mode])
-                add(
+                at_most(
                     f"agent's share of a hit <= {limit} s ({name}, {mode})",
                     agent,
-                    agent.mid <= limit if agent.n else None,
+                    limit,
                     "LOAD seconds from its log line (first LOAD of the worker)",
                     3,
                 )
@@ -481,45 +484,44 @@ def targets(results: dict) -> list[list[str]]:
                 "; rig estimate, (median warm + bytes at raw link rate) / median native: "
                 f"{bound:.2f}"
             )
-        add(f"cold/native <= {limit} ({name})", cn, cn.mid <= limit if cn.n else None, how)
-    link_runs = (results.get("link") or {}).get("runs")
-    link_sizes = dict((results.get("link") or {}).get("sizes") or {})
-    if link_runs:
-        link_sizes[str(results["link"]["size"])] = link_runs
+        at_most(f"cold/native <= {limit} ({name})", cn, limit, how)
+    link = results.get("link")
+    link_sizes = dict((link or {}).get("sizes") or {})
+    if link:
+        link_sizes[str(link["size"])] = link["runs"]
     for size_text, runs in sorted(link_sizes.items(), key=lambda kv: int(kv[0])):
         size = int(size_text)
         cn = _pair_ratio(runs, "cold", "native")
         limit = 0.6 if size >= 256 * MiB else 1.0
-        add(
+        at_most(
             f"cold/native <= {limit} ({fmt_bytes(size)}, cloud-like link)",
             cn,
-            cn.mid <= limit if cn.n else None,
+            limit,
             "ratio, Triton start to READY",
         )
-    link = results.get("link")
     if link:
         ideal = link["ideal_s"]
         cli = Spread.of(r["fetch_s"] / ideal for r in link["runs"]["warm-cli"] if not r["error"])
-        add(
+        at_most(
             f"throttled cold {fmt_bytes(link['size'])} within 1.3x of size/cap (`cacheagent warm`)",
             cli,
-            cli.mid <= 1.3 if cli.n else None,
+            1.3,
             f"fetch s / {ideal:.2f} s",
         )
         wire_ratio = Spread.of(
             r.get("wire_s", NAN) / ideal for r in link["runs"]["warm-cli"] if not r["error"]
         )
-        add(
+        at_most(
             "... the same, download phase only (first GET to last byte)",
             wire_ratio,
-            wire_ratio.mid <= 1.3 if wire_ratio.n else None,
+            1.3,
             f"wire s / {ideal:.2f} s",
         )
         tri = Spread.of(r["agent_seconds"] / ideal for r in link["runs"]["cold"] if not r["error"])
-        add(
+        at_most(
             f"throttled cold {fmt_bytes(link['size'])} within 1.3x of size/cap (through Triton)",
             tri,
-            tri.mid <= 1.3 if tri.n else None,
+            1.3,
             f"agent LOAD s / {ideal:.2f} s",
         )
         many = link.get("many")
@@ -535,11 +537,11 @@ def targets(results: dict) -> list[list[str]]:
                         sp = _many_ratio(runs, key, layout)
                         if not sp.n:
                             continue
-                        add(
+                        at_most(
                             f"8x64 MiB cold <= 0.5x sequential ({'stub' if layout else 'S3'}, "
                             "prefetch / prefetch=false)",
                             sp,
-                            sp.mid <= 0.5,
+                            0.5,
                             how,
                         )
             if "cold-stub-naive" in runs:
@@ -548,15 +550,15 @@ def targets(results: dict) -> list[list[str]]:
                     ("agent_seconds", "agent LOAD seconds, ratio"),
                 ):
                     sp = _pair_ratio(runs, "cold-stub", "cold-stub-naive", key)
-                    add(
+                    at_most(
                         "8x64 MiB cold <= 0.5x one model after another (stub, defaults / "
                         "prefetch=false + concurrency 1)",
                         sp,
-                        sp.mid <= 0.5 if sp.n else None,
+                        0.5,
                         how,
                     )
             if "cold-noprefetch" not in runs:
-                add(
+                at_most(
                     "8x64 MiB cold <= 0.5x sequential",
                     None,
                     None,
@@ -571,7 +573,7 @@ def targets(results: dict) -> list[list[str]]:
                 add(
                     f"steady-state hit <= {limit} s ({hit['label']}, worker already warm)",
                     sp,
-                    sp.mid <= limit,
+                    limit,
                     "actions.handle seconds, micro-benchmark",
                     3,
                 )
@@ -938,19 +940,19 @@ def _many_ratio(runs: dict[str, list[dict]], key: str, layout: str = "") -> Spre
     ``layout`` is "" (the S3 repository) or "-stub" (the local stub repository).
     """
     cold, nopf, floor = f"cold{layout}", f"cold{layout}-noprefetch", f"floor{layout}"
-    if not all(m in runs for m in (cold, nopf, floor)):
+    if floor not in runs:
         return Spread.of([])
-    n = min(len(runs[cold]), len(runs[nopf]), len(runs[floor]))
-
-    def val(mode: str, i: int) -> float:
-        run = runs[mode][i]
-        if run.get("error"):
-            return float("nan")
-        if key == "over_floor":
-            return run["seconds"] - runs[floor][i]["seconds"]
-        return float(run[key])
-
-    return Spread.of(val(cold, i) / val(nopf, i) for i in range(n))
+    if key != "over_floor":
+        return _pair_ratio(runs, cold, nopf, key)
+    over = {
+        mode: [
+            {**run, "over": run["seconds"] - runs[floor][i]["seconds"]}
+            for i, run in enumerate(runs[mode][: len(runs[floor])])
+        ]
+        for mode in (cold, nopf)
+        if mode in runs
+    }
+    return _pair_ratio(over, cold, nopf, "over")
 
 
 def plot(results: dict, path: Path) -> bool:

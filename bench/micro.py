@@ -37,6 +37,7 @@ from typing import Any
 
 import xxhash
 
+from tests.support.agent_requests import agent_request
 from tests.support.emulators import StorageRig
 
 from .common import (
@@ -214,17 +215,8 @@ def worker_start_probe(
     rig: StorageRig, location: str, model: str, cache_dir: Path, floor_root: Path, repeat: int
 ) -> dict[str, list[float]]:
     """Spawn-to-answer seconds of one hit LOAD: the real worker and the floor worker."""
-    request = {
-        "id": 1,
-        "action": "LOAD",
-        "artifact_type": "REMOTE_FILESYSTEM",
-        "location": location,
-        "handle": "0xbench",
-        "server_pid": os.getpid(),
-        "params": {"cache_dir": str(cache_dir)},
-        "config": {"name": model},
-    }
-    line = (json.dumps(request) + "\n").encode()
+    request = agent_request("LOAD", location, {"cache_dir": str(cache_dir)}, model=model)
+    line = (json.dumps({"id": 1, **request}) + "\n").encode()
     commands = {
         "real": [sys.executable, "-m", "cacheagent.worker"],
         "floor": [sys.executable, str(REPO_ROOT / "bench" / "floor_worker.py")],

@@ -142,8 +142,11 @@ def _list(
         return None
     parsed, key, secret, region, token = target
     bucket, _, prefix = location.root.partition("/")
-    query = {"list-type": "2", "prefix": prefix.rstrip("/") + "/" if prefix else ""}
-    query["encoding-type"] = "url"
+    query = {
+        "list-type": "2",
+        "prefix": prefix.rstrip("/") + "/" if prefix else "",
+        "encoding-type": "url",
+    }
     if delimiter:
         query["delimiter"] = delimiter
     try:

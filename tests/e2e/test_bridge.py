@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 
 from cacheagent.install import LAUNCHER_NAME, install_triton, launcher_script
+from tests.support.wait import wait_for
 
 from .triton import (
     MODEL_PY,
@@ -140,13 +141,14 @@ class FakeAgent:
 
     def wait_request(self, action: str, model: str, timeout: float = 60.0) -> None:
         """Wait until the worker has received ``action`` for ``model``."""
-        deadline = time.monotonic() + timeout
-        while not any(
-            r["action"] == action and r.get("config", {}).get("name") == model
-            for r in self.requests()
-        ):
-            assert time.monotonic() < deadline, f"no {action} of {model} reached the worker"
-            time.sleep(0.05)
+        wait_for(
+            lambda: any(
+                r["action"] == action and (r.get("config") or {}).get("name") == model
+                for r in self.requests()
+            ),
+            timeout,
+            f"{action} of {model} to reach the worker",
+        )
 
     def requests(self) -> list[dict[str, Any]]:
         path = self.dir / "requests.jsonl"

@@ -16,6 +16,8 @@ import pytest
 from cacheagent.cache import Cache
 from cacheagent.errors import RemoteNotFoundError, StorageUnavailableError
 from cacheagent.fetch import FetchSettings
+from cacheagent.stub import write_stub
+from tests.support.agent_requests import agent_request
 
 MiB = 1024 * 1024
 
@@ -238,23 +240,12 @@ def test_s3_stub_load_and_its_prefetch_import_no_fsspec(tmp_path, s3_rig):
     s3_rig.put_tree("models/b", {"1/w.bin": b"b" * 1000, "config.pbtxt": b"name: 'b'"})
     cache_dir = tmp_path / "cache"
     stub = tmp_path / "stub"
-    for name in ("a", "b"):
-        (stub / name).mkdir(parents=True)
-        (stub / name / "config.pbtxt").write_text(
-            f'name: "{name}"\nmodel_repository_agents {{ agents [ {{ name: "cacheagent", '
-            f'parameters [ {{ key: "source", value: "{s3_rig.url("models/" + name)}" }}, '
-            f'{{ key: "cache_dir", value: "{cache_dir}" }} ] }} ] }}\n'
-        )
+    write_stub(
+        s3_rig.url("models"), stub, {"cache_dir": str(cache_dir)}, {**os.environ, **s3_rig.env}
+    )
     (stub / "c").mkdir()  # a directory without config.pbtxt is skipped
-    request = {
-        "action": "LOAD",
-        "artifact_type": "FILESYSTEM",
-        "location": str(stub / "a"),
-        "handle": "0x1",
-        "server_pid": os.getpid(),
-        "params": {"cache_dir": str(cache_dir), "source": s3_rig.url("models/a")},
-        "config": {"name": "a"},
-    }
+    params = {"cache_dir": str(cache_dir), "source": s3_rig.url("models/a")}
+    request = agent_request("LOAD", stub / "a", params, model="a", artifact="FILESYSTEM")
     probe = (
         "import json, sys\n"
         "from cacheagent import actions\n"

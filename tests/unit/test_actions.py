@@ -8,18 +8,13 @@ import pytest
 
 from cacheagent import actions
 from cacheagent.errors import InvalidParameterError
+from tests.support.agent_requests import agent_request
 
 
 def request(action, location, cache_dir, artifact="REMOTE_FILESYSTEM", **params):
-    return {
-        "action": action,
-        "artifact_type": artifact,
-        "location": str(location),
-        "handle": "0xabc",
-        "server_pid": os.getpid(),
-        "params": {"cache_dir": str(cache_dir), **params},
-        "config": {"name": "add"} if action == "LOAD" else None,
-    }
+    return agent_request(
+        action, location, {"cache_dir": str(cache_dir), **params}, artifact=artifact
+    )
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ from cacheagent.errors import InvalidParameterError
 from cacheagent.prefetch import agent_parameters
 from cacheagent.stub import strip_field, stub_config, write_stub
 from cacheagent.stubmark import recorded_digest
+from tests.support.agent_requests import agent_request
 
 CONFIG = b"""name: "add"  # the model
 backend: "python"
@@ -68,15 +69,7 @@ def test_stub_load_fetches_from_source_and_warns_when_remote_config_changes(tmp_
     write_stub(str(repo), stub, {"cache_dir": str(tmp_path / "c"), "prefetch": "false"})
     config = agent_parameters(pbtxt.parse((stub / "add" / "config.pbtxt").read_text()))
     logs = []
-    request = {
-        "action": "LOAD",
-        "artifact_type": "FILESYSTEM",
-        "location": str(stub / "add"),
-        "handle": "0x1",
-        "server_pid": os.getpid(),
-        "params": config,
-        "config": {"name": "add"},
-    }
+    request = agent_request("LOAD", stub / "add", config, artifact="FILESYSTEM")
     path = actions.handle(request, lambda level, msg: logs.append((level, msg)))
     assert (tmp_path / "c") in __import__("pathlib").Path(path).parents
     assert not [m for lvl, m in logs if lvl == "WARN"]
