@@ -1,6 +1,6 @@
 """Build step for the Triton repository-agent shim; all metadata lives in pyproject.toml.
 
-The shim (``cacheagent/shim/cacheagent_shim.c``) is an ordinary C shared library
+The shim (``cacheagent/triton/shim/cacheagent_shim.c``) is an ordinary C shared library
 that Triton dlopens, not a Python extension module. It is built with a setuptools
 ``Extension`` so that ``pip install .`` (and ``pip install -e .``) produce it at
 ``cacheagent/_lib/libtritonrepoagent_cacheagent.so`` inside the installed package,
@@ -70,7 +70,7 @@ def shim_extension() -> Extension:
     """The Extension that compiles the shim."""
     return Extension(
         SHIM,
-        sources=["cacheagent/shim/cacheagent_shim.c"],
+        sources=["cacheagent/triton/shim/cacheagent_shim.c"],
         # Only the TRITONREPOAGENT_* entry points (marked in the source) are exported.
         extra_compile_args=["-std=gnu11", "-fvisibility=hidden", "-Wall", "-Wextra"],
         # dladdr lives in libdl before glibc 2.34; later it is an empty stub.

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.support.emulators import StorageRig
+from harness.emulators import StorageRig
 
 from .common import (
     RESULTS_DIR,
@@ -93,7 +93,7 @@ def cases_for(quick: bool, names: list[str] | None) -> list[Case]:
 
 def prefetch_supported() -> bool:
     """Whether this cacheagent knows the ``prefetch`` agent parameter."""
-    from cacheagent.params import PARAMETERS
+    from cacheagent.triton.params import PARAMETERS
 
     return "prefetch" in PARAMETERS
 
@@ -357,7 +357,7 @@ def run_link_many(
 ) -> dict[str, Any]:
     """8 x 64 MiB models on the throttled link: native, floor, cold with prefetch on and off,
     in the S3 layout and in the stub layout."""
-    from tests.e2e.triton import model_config
+    from harness.triton import model_config
 
     case = many_models_case("link8", 8, 64 * MiB, "8 models x 64 MiB")
     has_prefetch = prefetch_supported()
@@ -649,7 +649,7 @@ def render(results: dict) -> str:
             "with the ready local copy). The last column is the other estimate of the "
             "floor, the warm start minus the agent's own LOAD seconds from its log line; "
             "the gap between the two is what the real worker pays outside its LOAD (importing "
-            "cacheagent.actions, opening the cache index), once per Triton start.",
+            "cacheagent.triton.actions, opening the cache index), once per Triton start.",
             "",
         ]
 

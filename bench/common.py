@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from cacheagent.install import LAUNCHER_NAME, install_triton
-from tests.e2e.triton import MODEL_PY, TritonPaths, TritonServer, model_config, prepare_triton
-from tests.support.emulators import MotoS3, StorageRig
+from cacheagent.triton.install import LAUNCHER_NAME, install_triton
+from harness.emulators import MotoS3, StorageRig
+from harness.triton import MODEL_PY, TritonPaths, TritonServer, model_config, prepare_triton
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent
@@ -40,7 +40,7 @@ GiB = 1 << 30
 WEIGHTS = (1.0, 2.0, 3.0, 4.0)
 X = (10.0, 20.0, 30.0, 40.0)
 
-# The agent's one INFO line per LOAD (cacheagent.actions.load_line).
+# The agent's one INFO line per LOAD (cacheagent.triton.actions.load_line).
 LOAD_LINE = re.compile(
     r"cacheagent: model '(?P<model>[^']+)' (?P<outcome>HIT|MISS|STALE): "
     r"(?P<fetched>[0-9.]+ ?[KMGT]?i?B) fetched \((?P<files_fetched>\d+) of (?P<files>\d+) files, "
@@ -461,14 +461,14 @@ class WarmRun:
     ru_maxrss: int = 0  # bytes: what wait4() reports (includes the parent's RSS, see below)
 
 
-# ``cacheagent warm`` exactly as the console script runs it (cacheagent.cli.main),
+# ``cacheagent warm`` exactly as the console script runs it (cacheagent.cli.main.main),
 # plus one line with the process's own peak RSS. ru_maxrss from wait4() or
 # RUSAGE_CHILDREN is no good here: at exec the kernel folds the forking parent's
 # high-water RSS into the child's maxrss, so it reports the benchmark's own size.
 # VmHWM belongs to the address space created by exec, so it is the child's alone.
 _WARM = """
 import sys
-from cacheagent.cli import main
+from cacheagent.cli.main import main
 try:
     code = main(sys.argv[1:])
 finally:
@@ -487,7 +487,7 @@ def cacheagent_warm(
     timeout: float = 900.0,
 ) -> WarmRun:
     """Run ``cacheagent warm --json`` in a subprocess; time it and read its own peak RSS."""
-    # (The child runs cacheagent.cli.main, what the ``cacheagent`` script runs.)
+    # (The child runs cacheagent.cli.main.main, what the ``cacheagent`` script runs.)
     argv = [
         sys.executable,
         "-c",

@@ -1,6 +1,6 @@
 """The do-nothing agent: the real shim and worker bridge, answering LOAD with a ready copy.
 
-The benchmark's private launcher runs this file instead of ``cacheagent.worker``.
+The benchmark's private launcher runs this file instead of ``cacheagent.triton.worker``.
 Every LOAD is redirected to ``$BENCH_FLOOR_ROOT/<model>`` (a local copy that is
 already complete), with no listing, no cache and no storage access, so a Triton
 start with it costs what any agent must: Triton's own listings and HEADs, the
@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Any
 
-from cacheagent import worker
+from cacheagent.triton import worker
 
 
 def handler(request: dict[str, Any], log: Any) -> str | None:

@@ -8,12 +8,12 @@ part of ``python -m bench.coldstart``. What it measures:
   fsync + rename), next to the rig's raw link rate (concurrent ranged GETs
   through the proxy, no disk, no hash) and what ``cacheagent warm`` achieved.
 * **hit path** of a LOAD, run in a fresh process the way the worker runs it
-  (``cacheagent.actions.handle``): imports, the first LOAD of a process (which
+  (``cacheagent.triton.actions.handle``): imports, the first LOAD of a process (which
   builds the storage client), then steady-state LOADs split into the listing
-  (``cacheagent.remote.list_manifest``) and the rest (index lookup, size checks
+  (``cacheagent.remote.listing.list_manifest``) and the rest (index lookup, size checks
   of every file, lease); plus publishing a 300-file snapshot from held blobs
   (the hardlinks a miss with all content already cached costs).
-* **worker start**: the real worker (``python -m cacheagent.worker``) and the
+* **worker start**: the real worker (``python -m cacheagent.triton.worker``) and the
   benchmark's do-nothing worker (``floor_worker.py``), each spawned fresh and
   sent one hit LOAD the way the shim sends it, alternately: seconds from spawn
   to the answer. Their difference is what a warm Triton start pays for the real
@@ -37,8 +37,8 @@ from typing import Any
 
 import xxhash
 
-from tests.support.agent_requests import agent_request
-from tests.support.emulators import StorageRig
+from harness.agent_requests import agent_request
+from harness.emulators import StorageRig
 
 from .common import (
     REPO_ROOT,
@@ -77,7 +77,7 @@ def hash_rate(total: int = 512 * MiB) -> dict[str, float]:
 
 def store_write_rate(work: Path, total: int = 512 * MiB) -> dict[str, float]:
     """The store's receive path: parts written with pwrite and hashed in order, then committed."""
-    from cacheagent.store import Store
+    from cacheagent.local.store import Store
 
     store = Store(work / "micro-store")
     part = random_bytes(PART, 8)
@@ -100,7 +100,7 @@ def store_write_rate(work: Path, total: int = 512 * MiB) -> dict[str, float]:
 
 def small_blobs_rate(work: Path, count: int = 300, size: int = 32 * 1024) -> dict[str, float]:
     """Per-file local cost of storing many small blobs (write, hash, fsync, rename), no network."""
-    from cacheagent.store import Store
+    from cacheagent.local.store import Store
 
     store = Store(work / "micro-small")
     data = [random_bytes(size, 1000 + i) for i in range(count)]
@@ -136,11 +136,11 @@ def raw_link_rate(rig: StorageRig, key: str, size: int, concurrency: int = 8) ->
 _PROBE = r"""
 import json, os, sys, time
 T = time.perf_counter
-t = T(); import cacheagent.worker; imp_worker = T() - t
+t = T(); import cacheagent.triton.worker; imp_worker = T() - t
 t = T(); from cacheagent import actions; imp_actions = T() - t
 from cacheagent.cache import Cache
-from cacheagent.location import parse_location
-from cacheagent.remote import list_manifest
+from cacheagent.remote.location import parse_location
+from cacheagent.remote.listing import list_manifest
 location, model, cache_dir, repeat = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 request = {"action": "LOAD", "artifact_type": "REMOTE_FILESYSTEM", "location": location,
            "params": {"cache_dir": cache_dir}, "config": {"name": model},
@@ -190,8 +190,8 @@ def hit_probe(rig: StorageRig, location: str, model: str, cache_dir: Path, repea
             sys.executable,
             "-c",
             "import time,sys; T=time.perf_counter; t=T(); import s3fs; a=T()-t\n"
-            "from cacheagent.location import parse_location\n"
-            "from cacheagent.remote import list_manifest\n"
+            "from cacheagent.remote.location import parse_location\n"
+            "from cacheagent.remote.listing import list_manifest\n"
             "loc=parse_location(sys.argv[1]); fs=loc.filesystem()\n"
             "t=T(); list_manifest(loc, fs); b=T()-t\n"
             "t=T(); list_manifest(loc, fs); c=T()-t\n"
@@ -218,7 +218,7 @@ def worker_start_probe(
     request = agent_request("LOAD", location, {"cache_dir": str(cache_dir)}, model=model)
     line = (json.dumps({"id": 1, **request}) + "\n").encode()
     commands = {
-        "real": [sys.executable, "-m", "cacheagent.worker"],
+        "real": [sys.executable, "-m", "cacheagent.triton.worker"],
         "floor": [sys.executable, str(REPO_ROOT / "bench" / "floor_worker.py")],
     }
     env = {**os.environ, **rig.env, "BENCH_FLOOR_ROOT": str(floor_root)}

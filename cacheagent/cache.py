@@ -14,16 +14,16 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import CacheFullError, RemoteChangedError, StorageUnavailableError
-from .fetch import FetchSettings, ProgressFn, download
-from .index import Index, LeaseRecord, SnapshotRecord
-from .location import Location, parse_location
-from .locks import file_lock
-from .manifest import FileEntry, Manifest, manifest_from_records
-from .params import default_cache_dir
-from .remote import list_manifest
-from .sizes import format_size
-from .store import Store
+from cacheagent.errors import CacheFullError, RemoteChangedError, StorageUnavailableError
+from cacheagent.local.index import Index, LeaseRecord, SnapshotRecord
+from cacheagent.local.locks import file_lock
+from cacheagent.local.store import Store
+from cacheagent.remote.listing import list_manifest
+from cacheagent.remote.location import Location, parse_location
+from cacheagent.remote.manifest import FileEntry, Manifest, manifest_from_records
+from cacheagent.remote.transfer import FetchSettings, ProgressFn, download
+from cacheagent.sizes import format_size
+from cacheagent.triton.params import default_cache_dir
 
 VERIFY_MODES = ("size", "hash", "none")
 
@@ -157,7 +157,7 @@ class Cache:
         ``lease`` is recorded before the snapshot can be evicted.
         ``on_plan(files, bytes)`` is told what a miss will download.
         ``listed`` is a listing of ``location`` with ``select`` already under way
-        (:func:`cacheagent.remote.start_listing`), used instead of listing again;
+        (:func:`cacheagent.remote.listing.start_listing`), used instead of listing again;
         ``started`` (a ``time.monotonic()`` stamp) is then when it started.
         """
         started = time.monotonic() if started is None else started

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import InvalidParameterError
+from cacheagent.errors import InvalidParameterError
 
 _UNITS: dict[str, int] = {
     "": 1,

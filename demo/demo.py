@@ -40,17 +40,17 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.common import RangedMotoS3, set_link  # noqa: E402
-from cacheagent.install import install_triton  # noqa: E402
 from cacheagent.sizes import format_size  # noqa: E402
-from cacheagent.stub import write_stub  # noqa: E402
-from tests.e2e.triton import (  # noqa: E402
+from cacheagent.triton.install import install_triton  # noqa: E402
+from cacheagent.triton.stub import write_stub  # noqa: E402
+from harness.emulators import StorageRig  # noqa: E402
+from harness.triton import (  # noqa: E402
     MODEL_PY,
     TritonServer,
     model_config,
     prepare_triton,
     weights_bytes,
 )
-from tests.support.emulators import StorageRig  # noqa: E402
 
 
 def sample_model(name: str, size: int, agent_params: dict[str, str] | None) -> dict[str, bytes]:

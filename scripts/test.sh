@@ -10,7 +10,7 @@ bash scripts/setup.sh
 .venv/bin/ruff format --check .
 # The shim must compile warning-free with the strictest flags (pip builds it without -Werror).
 gcc -std=gnu11 -fPIC -shared -fvisibility=hidden -Wall -Wextra -Werror \
-    -o /tmp/cacheagent-shim-check.so cacheagent/shim/cacheagent_shim.c
+    -o /tmp/cacheagent-shim-check.so cacheagent/triton/shim/cacheagent_shim.c
 
 # pytest exits non-zero when a test fails and 5 when no test ran; both fail this script.
 .venv/bin/python -m pytest -p no:cacheprovider -q -ra --durations=15 "${@:-tests}"

@@ -1,8 +1,8 @@
 """Shared pytest fixtures: real storage emulators and per-test storage rigs.
 
 Imports: the test helpers live in the package ``tests.support`` (``tests/`` has
-an ``__init__.py``), imported as e.g. ``from tests.support.proxy import
-CountingProxy`` and ``from tests.support.emulators import StorageRig``. The repo
+an ``__init__.py``), imported as e.g. ``from harness.proxy import
+CountingProxy`` and ``from harness.emulators import StorageRig``. The repo
 root is put on ``sys.path`` below so that works from any test directory,
 whether or not it has an ``__init__.py`` and whatever pytest's import mode.
 
@@ -34,7 +34,7 @@ _REPO_ROOT = str(Path(__file__).resolve().parent.parent)
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
-from tests.support.emulators import Azurite, FakeGcs, MotoS3, StorageRig  # noqa: E402
+from harness.emulators import Azurite, FakeGcs, MotoS3, StorageRig  # noqa: E402
 
 _EMULATOR_FIXTURES = frozenset(
     {"moto_server", "gcs_server", "azurite_server", "s3_rig", "gcs_rig", "azure_rig", "rig"}

@@ -16,9 +16,8 @@ from typing import Any
 
 import pytest
 
-from cacheagent.install import install_triton
-
-from .triton import TritonPaths, TritonServer, TritonUnavailable, prepare_triton
+from cacheagent.triton.install import install_triton
+from harness.triton import TritonPaths, TritonServer, TritonUnavailable, prepare_triton
 
 
 @pytest.hookimpl(wrapper=True)

@@ -49,9 +49,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tests.support.emulators import AZURITE_ACCOUNT, AZURITE_KEY, StorageRig
-
-from .triton import TritonPaths, TritonServer, check_first_start_then_restart
+from harness.emulators import AZURITE_ACCOUNT, AZURITE_KEY, StorageRig
+from harness.triton import TritonPaths, TritonServer, check_first_start_then_restart
 
 pytestmark = pytest.mark.e2e
 

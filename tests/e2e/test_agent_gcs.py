@@ -21,9 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.emulators import FakeGcs, StorageRig
-
-from .triton import TritonServer, check_first_start_then_restart
+from harness.emulators import FakeGcs, StorageRig
+from harness.triton import TritonServer, check_first_start_then_restart
 
 pytestmark = pytest.mark.e2e
 

@@ -16,11 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cacheagent.params import PARAMETERS
 from cacheagent.sizes import format_size
-from tests.support.emulators import StorageRig
-
-from .triton import (
+from cacheagent.triton.params import PARAMETERS
+from harness.emulators import StorageRig
+from harness.triton import (
     TritonServer,
     agent_log_lines,
     check_first_start_then_restart,

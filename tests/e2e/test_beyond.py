@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 
 from cacheagent.cache import Cache
-from cacheagent.stub import write_stub
-from tests.support.emulators import StorageRig
-
-from .triton import (
+from cacheagent.triton.stub import write_stub
+from harness.emulators import StorageRig
+from harness.triton import (
     TritonServer,
     client_of,
     downloads,

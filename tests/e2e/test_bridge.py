@@ -3,7 +3,7 @@
 No cloud storage here: the models are local (artifact FILESYSTEM), which the real
 worker leaves untouched. Faults the real worker cannot be asked to produce
 (crash or hang inside an action, errors, a redirect) come from a scripted
-worker: ``cacheagent.worker.main(handler)`` with a test handler, started by a
+worker: ``cacheagent.triton.worker.main(handler)`` with a test handler, started by a
 launcher rewritten in a private repoagent directory. The bridge under test (C
 shim, pipes, worker protocol) is the real one either way.
 """
@@ -25,10 +25,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cacheagent.install import LAUNCHER_NAME, install_triton, launcher_script
-from tests.support.wait import wait_for
-
-from .triton import (
+from cacheagent.triton.install import LAUNCHER_NAME, install_triton, launcher_script
+from harness.triton import (
     MODEL_PY,
     WORKER_MARKER,
     TritonHTTPError,
@@ -38,6 +36,7 @@ from .triton import (
     wait_pid_gone,
     write_add_model,
 )
+from harness.wait import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -77,7 +76,7 @@ FAKE_WORKER = """\
 import json, os, sys, time
 from pathlib import Path
 
-from cacheagent import worker
+from cacheagent.triton import worker
 from cacheagent.errors import CacheAgentError
 
 HERE = Path(__file__).resolve().parent
@@ -179,7 +178,7 @@ def assert_serving(server: TritonServer, name: str, weights: list[float]) -> Non
 
 PROTOCOL_HANDLER = """\
 import os, sys, time
-from cacheagent import worker
+from cacheagent.triton import worker
 from cacheagent.errors import CacheAgentError
 
 def handler(request, log):
@@ -241,7 +240,11 @@ def test_worker_protocol_lines() -> None:
 def test_worker_exits_when_its_parent_dies() -> None:
     # The worker's stdin stays open (we hold it), so only the parent watchdog can end it.
     shell = subprocess.Popen(
-        ["/bin/sh", "-c", f'"{sys.executable}" -m cacheagent.worker <&0 & echo $!; sleep 0.5'],
+        [
+            "/bin/sh",
+            "-c",
+            f'"{sys.executable}" -m cacheagent.triton.worker <&0 & echo $!; sleep 0.5',
+        ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
     )

@@ -24,12 +24,10 @@ import numpy as np
 import pytest
 import xxhash
 
-from cacheagent.index import Index
-from cacheagent.store import Store
-from tests.support.emulators import StorageRig
-from tests.support.wait import wait_for
-
-from .triton import (
+from cacheagent.local.index import Index
+from cacheagent.local.store import Store
+from harness.emulators import StorageRig
+from harness.triton import (
     MODEL_PY,
     TritonHTTPError,
     TritonServer,
@@ -37,6 +35,7 @@ from .triton import (
     model_config,
     wait_pid_gone,
 )
+from harness.wait import wait_for
 
 pytestmark = pytest.mark.e2e
 

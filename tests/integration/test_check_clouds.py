@@ -12,9 +12,9 @@ import os
 
 import pytest
 
-from cacheagent import remote
-from cacheagent.check import check_repository, format_report, report_json
 from cacheagent.errors import RemoteNotFoundError, StorageUnavailableError
+from cacheagent.remote import listing as remote
+from cacheagent.triton.check import check_repository, format_report, report_json
 
 AGENT = (
     'model_repository_agents { agents [ { name: "cacheagent", parameters [ '

@@ -15,9 +15,9 @@ import pytest
 
 from cacheagent.cache import Cache
 from cacheagent.errors import RemoteNotFoundError, StorageUnavailableError
-from cacheagent.fetch import FetchSettings
-from cacheagent.stub import write_stub
-from tests.support.agent_requests import agent_request
+from cacheagent.remote.transfer import FetchSettings
+from cacheagent.triton.stub import write_stub
+from harness.agent_requests import agent_request
 
 MiB = 1024 * 1024
 
@@ -129,7 +129,7 @@ def test_concurrent_warms_download_once(tmp_path, s3_rig):
     files = {"1/w.bin": os.urandom(4 * MiB), "config.pbtxt": b"c"}
     rig.put_tree("models/m", files)
     env = {**os.environ, **rig.env, "CACHEAGENT_CACHE_DIR": str(tmp_path / "cache")}
-    cmd = [sys.executable, "-m", "cacheagent.cli", "warm", rig.url("models/m"), "--json"]
+    cmd = [sys.executable, "-m", "cacheagent.cli.main", "warm", rig.url("models/m"), "--json"]
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True) for _ in range(3)]
     results = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
     assert all(p.returncode == 0 for p in procs)
@@ -144,7 +144,7 @@ def test_cli_warm_reports_stale_and_never_prints_secrets(tmp_path, s3_rig):
     secret = "testing"  # moto accepts any secret; make ours distinctive
     env = {**os.environ, **rig.env, "AWS_SECRET_ACCESS_KEY": "SuperSecretValue123"}
     env["CACHEAGENT_CACHE_DIR"] = str(tmp_path / "cache")
-    cmd = [sys.executable, "-m", "cacheagent.cli", "warm", rig.url("models/m"), "--json"]
+    cmd = [sys.executable, "-m", "cacheagent.cli.main", "warm", rig.url("models/m"), "--json"]
     ok = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr
     rig.proxy.set_down(True)
@@ -164,9 +164,9 @@ def test_cli_warm_reports_stale_and_never_prints_secrets(tmp_path, s3_rig):
 
 
 def test_s3_fast_listing_gives_the_same_manifest_as_s3fs(tmp_path, s3_rig):
-    from cacheagent.location import parse_location
-    from cacheagent.manifest import build_manifest
-    from cacheagent.s3list import fast_find
+    from cacheagent.remote.location import parse_location
+    from cacheagent.remote.manifest import build_manifest
+    from cacheagent.remote.s3 import fast_find
 
     files = small_files() | {"weird name+1/ü.bin": b"x", "1/": b""}
     s3_rig.put_tree("models/m", files)
@@ -184,9 +184,9 @@ def test_s3_fast_listing_gives_the_same_manifest_as_s3fs(tmp_path, s3_rig):
 
 def test_s3_fast_model_listing_and_reads_match_s3fs(s3_rig):
     from cacheagent.errors import RemoteNotFoundError
-    from cacheagent.location import parse_location
-    from cacheagent.remote import list_model_names, read_file
-    from cacheagent.s3list import fast_cat, fast_subdirs
+    from cacheagent.remote.listing import list_model_names, read_file
+    from cacheagent.remote.location import parse_location
+    from cacheagent.remote.s3 import fast_cat, fast_subdirs
 
     s3_rig.put_tree("repo/b", {"config.pbtxt": b"name: 'b'", "1/w.bin": b"w"})
     s3_rig.put_tree("repo/a", {"config.pbtxt": b"name: 'a'"})
@@ -221,7 +221,7 @@ def run_probe(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str
 def test_s3_hit_does_not_import_the_sdk(tmp_path, s3_rig):
     s3_rig.put_tree("models/m", small_files())
     env = {**os.environ, **s3_rig.env, "CACHEAGENT_CACHE_DIR": str(tmp_path / "cache")}
-    warm = [sys.executable, "-m", "cacheagent.cli", "warm", s3_rig.url("models/m")]
+    warm = [sys.executable, "-m", "cacheagent.cli.main", "warm", s3_rig.url("models/m")]
     subprocess.run(warm, env=env, check=True, capture_output=True, timeout=120)
     probe = (
         "import sys; from cacheagent.cache import Cache; "
@@ -248,7 +248,7 @@ def test_s3_stub_load_and_its_prefetch_import_no_fsspec(tmp_path, s3_rig):
     request = agent_request("LOAD", stub / "a", params, model="a", artifact="FILESYSTEM")
     probe = (
         "import json, sys\n"
-        "from cacheagent import actions\n"
+        "from cacheagent.triton import actions\n"
         "path = actions.handle(json.loads(sys.argv[1]), lambda *a: None)\n"
         "for thread in actions.prefetcher().threads:\n"
         "    thread.join(60)\n"
@@ -290,7 +290,7 @@ def test_s3_miss_with_static_credentials_never_imports_the_sdk(tmp_path, s3_rig)
     s3_rig.put_tree("models/m", files)
     env = {**os.environ, **s3_rig.env, "CACHEAGENT_CACHE_DIR": str(tmp_path / "cache")}
     probe = (
-        "import sys; from cacheagent.cache import Cache; from cacheagent.fetch import "
+        "import sys; from cacheagent.cache import Cache; from cacheagent.remote.transfer import "
         "FetchSettings; cache = Cache(fetch_settings=FetchSettings(4, 1024 * 1024)); "
         f"s = cache.fetch({s3_rig.url('models/m')!r}); "
         "print(s.hit, s.bytes_fetched, 's3fs' in sys.modules, 'botocore' in sys.modules)"

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from cacheagent.cache import Cache
-from cacheagent.versions import policy_selector
+from cacheagent.triton.layout import policy_selector
 
 
 def model_tree() -> dict[str, bytes]:

@@ -31,12 +31,12 @@ from cacheagent.errors import (
     StorageUnavailableError,
     UnsafePathError,
 )
-from cacheagent.fetch import FetchSettings
-from cacheagent.index import Index
-from cacheagent.location import parse_location
-from cacheagent.remote import list_manifest
-from tests.support.emulators import StorageRig
-from tests.support.wait import wait_for
+from cacheagent.local.index import Index
+from cacheagent.remote.listing import list_manifest
+from cacheagent.remote.location import parse_location
+from cacheagent.remote.transfer import FetchSettings
+from harness.emulators import StorageRig
+from harness.wait import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -109,7 +109,7 @@ def warm_cmd(url: str, cache_dir: Path, *extra: str) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "cacheagent.cli",
+        "cacheagent.cli.main",
         "warm",
         url,
         "--cache-dir",
@@ -129,7 +129,7 @@ def fresh_key(rig: StorageRig, relpath: str) -> str:
 def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     """Keep the retry policy's attempt counts but shrink its sleeps, for tests that wait
     out a persistent outage (the outage itself stays real)."""
-    import cacheagent.remote as remote
+    import cacheagent.remote.listing as remote
 
     monkeypatch.setattr(remote, "RETRY_DELAYS", tuple(0.05 for _ in remote.RETRY_DELAYS))
     monkeypatch.setattr(remote, "LIST_RETRY_DELAYS", tuple(0.05 for _ in remote.LIST_RETRY_DELAYS))
@@ -437,7 +437,7 @@ def test_flipped_byte_is_caught_by_verify_hash_and_refetched(tmp_path, s3_rig):
 
 def run_cli(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "cacheagent.cli", *argv],
+        [sys.executable, "-m", "cacheagent.cli.main", *argv],
         env=env or dict(os.environ),
         capture_output=True,
         text=True,

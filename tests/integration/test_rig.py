@@ -19,8 +19,8 @@ from urllib.parse import quote
 
 import pytest
 
-from tests.support.emulators import AZURITE_KEY, StorageRig, content_key
-from tests.support.proxy import CountingProxy, ProxyRecord
+from harness.emulators import AZURITE_KEY, StorageRig, content_key
+from harness.proxy import CountingProxy, ProxyRecord
 
 TREE = {
     "config.pbtxt": b'name: "m"\n',

@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from cacheagent import actions
 from cacheagent.errors import InvalidParameterError
-from tests.support.agent_requests import agent_request
+from cacheagent.triton import actions
+from harness.agent_requests import agent_request
 
 
 def request(action, location, cache_dir, artifact="REMOTE_FILESYSTEM", **params):
@@ -100,9 +100,9 @@ def test_a_fresh_worker_lists_before_it_imports_the_cache(tmp_path):
     # SQLite index and the download pool are imported, so the storage round trip
     # overlaps that work (bench/README.md has the timings; here only the order).
     probe = (
-        "import sys, cacheagent.worker, cacheagent.actions\n"
+        "import sys, cacheagent.triton.worker, cacheagent.triton.actions\n"
         "heavy = ('cacheagent.cache', 'diskcache', 'sqlite3', 'concurrent.futures',\n"
-        "         'cacheagent.prefetch', 'cacheagent.pbtxt', 'fsspec')\n"
+        "         'cacheagent.triton.prefetch', 'cacheagent.triton.pbtxt', 'fsspec')\n"
         "print(' '.join(m for m in heavy if m in sys.modules) or 'none')\n"
     )
     out = subprocess.run(

@@ -9,7 +9,7 @@ import pytest
 
 from cacheagent.cache import Cache, LeaseSpec
 from cacheagent.errors import CacheFullError, RemoteNotFoundError
-from cacheagent.fetch import FetchSettings
+from cacheagent.remote.transfer import FetchSettings
 
 
 def make_model(root, files):

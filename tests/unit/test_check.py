@@ -18,10 +18,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cacheagent import check as check_module
-from cacheagent.check import CheckReport, Finding, check_repository, format_report, report_json
 from cacheagent.errors import CacheAgentError, InvalidLocationError, RemoteNotFoundError
-from cacheagent.pbtxt import Identifier, Message, PbtxtError, parse
+from cacheagent.triton import check as check_module
+from cacheagent.triton.check import (
+    CheckReport,
+    Finding,
+    check_repository,
+    format_report,
+    report_json,
+)
+from cacheagent.triton.pbtxt import Identifier, Message, PbtxtError, parse
 
 # --------------------------------------------------------------------------- the reader
 

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from cacheagent.cli import main
+from cacheagent.cli.main import main
 
 
 @pytest.fixture

@@ -3,10 +3,10 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cacheagent.credentials import longest_prefix_match
 from cacheagent.errors import CacheAgentError
-from cacheagent.location import parse_location
-from cacheagent.manifest import build_manifest, validate_relpath
+from cacheagent.remote.credentials import longest_prefix_match
+from cacheagent.remote.location import parse_location
+from cacheagent.remote.manifest import build_manifest, validate_relpath
 
 URLISH = st.one_of(
     st.text(max_size=80),

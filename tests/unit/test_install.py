@@ -4,8 +4,8 @@ import importlib.util
 import os
 import sys
 
-from cacheagent import versions
-from cacheagent.install import LAUNCHER_NAME, LIBRARY_NAME, install_triton
+from cacheagent.triton import layout as versions
+from cacheagent.triton.install import LAUNCHER_NAME, LIBRARY_NAME, install_triton
 
 
 def test_install_writes_shim_launcher_and_bytecode(tmp_path):

@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from cacheagent.credentials import longest_prefix_match
 from cacheagent.errors import InvalidLocationError, InvalidParameterError
-from cacheagent.location import parse_location
+from cacheagent.remote.credentials import longest_prefix_match
+from cacheagent.remote.location import parse_location
 
 ENV = {"AWS_ACCESS_KEY_ID": "AKIDEXAMPLE", "AWS_SECRET_ACCESS_KEY": "s3cr3t-value"}
 

@@ -3,7 +3,7 @@ import base64
 import pytest
 
 from cacheagent.errors import UnsafePathError
-from cacheagent.manifest import build_manifest, validate_relpath
+from cacheagent.remote.manifest import build_manifest, validate_relpath
 
 MD5 = "9e107d9d372bb6826bd81d3542a419d6"
 

@@ -1,7 +1,7 @@
 import pytest
 
 from cacheagent.errors import InvalidParameterError
-from cacheagent.params import PARAMETERS, parse_params
+from cacheagent.triton.params import PARAMETERS, parse_params
 
 
 def test_defaults(tmp_path):

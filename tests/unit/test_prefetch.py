@@ -2,9 +2,9 @@
 
 import os
 
-from cacheagent import pbtxt
 from cacheagent.cache import Cache
-from cacheagent.prefetch import Prefetcher, agent_parameters, config_json
+from cacheagent.triton import pbtxt
+from cacheagent.triton.prefetch import Prefetcher, agent_parameters, config_json
 
 
 def agent_config(name, params, policy="latest { num_versions: 1 }"):

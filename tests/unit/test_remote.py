@@ -3,8 +3,8 @@
 import pytest
 
 from cacheagent.errors import RemoteNotFoundError
-from cacheagent.location import parse_location
-from cacheagent.remote import list_manifest, list_model_names, read_file, start_listing
+from cacheagent.remote.listing import list_manifest, list_model_names, read_file, start_listing
+from cacheagent.remote.location import parse_location
 
 
 def test_model_names_and_config_reads_of_a_local_repository(tmp_path):

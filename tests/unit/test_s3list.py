@@ -7,8 +7,8 @@ from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
-from cacheagent.location import parse_location
-from cacheagent.s3list import EMPTY_SHA256, fast_find, sign_get
+from cacheagent.remote.location import parse_location
+from cacheagent.remote.s3 import EMPTY_SHA256, fast_find, sign_get
 
 NOW = dt.datetime(2026, 11, 21, 12, 34, 56, tzinfo=dt.timezone.utc)
 

@@ -27,13 +27,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cacheagent.cache import Cache, LeaseSpec
-from cacheagent.cli import build_parser, main
+from cacheagent.cli.main import build_parser, main
 from cacheagent.errors import CacheAgentError, UnsafeCacheDirError
-from cacheagent.location import parse_location
-from cacheagent.manifest import build_manifest
-from cacheagent.params import PARAMETERS, parse_params
-from cacheagent.remote import list_manifest
+from cacheagent.remote.listing import list_manifest
+from cacheagent.remote.location import parse_location
+from cacheagent.remote.manifest import build_manifest
 from cacheagent.sizes import parse_size
+from cacheagent.triton.params import PARAMETERS, parse_params
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 

@@ -5,7 +5,7 @@ import pytest
 import xxhash
 
 from cacheagent.errors import UnsafeCacheDirError
-from cacheagent.store import Store
+from cacheagent.local.store import Store
 
 
 def test_parts_out_of_order_hash_like_the_whole(tmp_path):

@@ -4,13 +4,13 @@ import os
 
 import pytest
 
-from cacheagent import actions, pbtxt
-from cacheagent.cli import main
+from cacheagent.cli.main import main
 from cacheagent.errors import InvalidParameterError
-from cacheagent.prefetch import agent_parameters
-from cacheagent.stub import strip_field, stub_config, write_stub
-from cacheagent.stubmark import recorded_digest
-from tests.support.agent_requests import agent_request
+from cacheagent.triton import actions, pbtxt
+from cacheagent.triton.prefetch import agent_parameters
+from cacheagent.triton.stub import strip_field, stub_config, write_stub
+from cacheagent.triton.stubmark import recorded_digest
+from harness.agent_requests import agent_request
 
 CONFIG = b"""name: "add"  # the model
 backend: "python"

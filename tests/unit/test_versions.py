@@ -1,4 +1,4 @@
-from cacheagent.versions import policy_selector, selected_versions, version_of
+from cacheagent.triton.layout import policy_selector, selected_versions, version_of
 
 PATHS = [
     "config.pbtxt",

@@ -31,7 +31,7 @@ import numpy as np
 
 from cacheagent.sizes import format_size
 
-WORKER_MARKER = "cacheagent.worker"
+WORKER_MARKER = "cacheagent.triton.worker"
 _SHM_REGION = re.compile(r"triton_python_backend_shm_region_[0-9A-Za-z-]+")
 
 
@@ -612,7 +612,7 @@ AGENT_CLIENTS = (
 
 
 class _Record(Protocol):
-    """The fields of a ``tests.support.proxy.ProxyRecord`` used here."""
+    """The fields of a ``harness.proxy.ProxyRecord`` used here."""
 
     @property
     def request_headers(self) -> dict[str, str]: ...
@@ -622,7 +622,7 @@ class _Record(Protocol):
 
 
 class _CountingRig(Protocol):
-    """What the download tallies need of a ``tests.support.emulators.StorageRig``."""
+    """What the download tallies need of a ``harness.emulators.StorageRig``."""
 
     cloud: Any
     bucket: str
@@ -650,7 +650,7 @@ def downloads(rig: _CountingRig, client: str, prefix: str = "") -> dict[str, tup
     Returns ``{object key: (number of GETs, body bytes)}``; keys are relative to
     the bucket. Listings, HEADs and metadata reads are not content downloads.
     """
-    from tests.support.emulators import content_key
+    from harness.emulators import content_key
 
     tally: dict[str, tuple[int, int]] = {}
     for record in rig.content_records(prefix):

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidParameterError
+from cacheagent.errors import InvalidParameterError
 
 CREDENTIAL_FILE_ENV = "TRITON_CLOUD_CREDENTIAL_PATH"
 

@@ -1,10 +1,10 @@
-"""The Python side of the Triton bridge, run as ``python -m cacheagent.worker``.
+"""The Python side of the Triton bridge, run as ``python -m cacheagent.triton.worker``.
 
 Triton loads the small C shim ``libtritonrepoagent_cacheagent.so`` (source:
-``cacheagent/shim/cacheagent_shim.c``). On the first agent action the shim starts
+``cacheagent/triton/shim/cacheagent_shim.c``). On the first agent action the shim starts
 this worker through the launcher ``<repoagent-dir>/cacheagent/cacheagent-worker``
 and keeps it for every later action. All agent logic runs here, in
-:func:`cacheagent.actions.handle`; nothing Python ever runs inside Triton.
+:func:`cacheagent.triton.actions.handle`; nothing Python ever runs inside Triton.
 
 Protocol (stdin/stdout pipes, one line per message, UTF-8):
 
@@ -223,9 +223,9 @@ def serve(in_fd: int, out_fd: int, handler: Handler | None = None) -> int:
 
 
 def main(handler: Handler | None = None) -> int:
-    """Entry point of ``python -m cacheagent.worker`` (started by the shim only).
+    """Entry point of ``python -m cacheagent.triton.worker`` (started by the shim only).
 
-    ``handler`` replaces :func:`cacheagent.actions.handle`; tests use it to run
+    ``handler`` replaces :func:`cacheagent.triton.actions.handle`; tests use it to run
     the real bridge with scripted behaviour (crash, hang, redirect).
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -2,9 +2,9 @@
 
 The SDKs retry on their own, and some for a long time: gcsfs hard-codes six
 attempts with backoff up to 32 s; the Azure SDK backs off 15 s and more.
-Stacked under our own retry loop (:mod:`cacheagent.remote`), a dead endpoint
+Stacked under our own retry loop (:mod:`cacheagent.remote.listing`), a dead endpoint
 would stall a LOAD, and every model after it, for minutes. Here each SDK
-is told to try at most twice, quickly; :mod:`cacheagent.remote` owns the
+is told to try at most twice, quickly; :mod:`cacheagent.remote.listing` owns the
 backoff policy.
 """
 

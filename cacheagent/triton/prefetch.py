@@ -17,13 +17,13 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from . import pbtxt
-from .cache import Cache
-from .errors import CacheAgentError
-from .location import Location, parse_location
-from .params import AgentParams, parse_params
-from .remote import list_model_names, read_file
-from .versions import policy_selector
+from cacheagent.cache import Cache
+from cacheagent.errors import CacheAgentError
+from cacheagent.remote.listing import list_model_names, read_file
+from cacheagent.remote.location import Location, parse_location
+from cacheagent.triton import pbtxt
+from cacheagent.triton.layout import policy_selector
+from cacheagent.triton.params import AgentParams, parse_params
 
 AGENT_NAME = "cacheagent"
 DEFAULT_PARALLEL_MODELS = 2

@@ -18,20 +18,20 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import (
+from cacheagent.errors import (
     CacheAgentError,
     InvalidLocationError,
     InvalidParameterError,
     RemoteNotFoundError,
     UnsafePathError,
 )
-from .location import Location, parse_location
-from .manifest import validate_relpath
-from .params import parse_params
-from .pbtxt import Identifier, Message, PbtxtError, parse
-from .remote import with_retries
-from .sizes import format_size
-from .versions import selected_versions
+from cacheagent.remote.listing import with_retries
+from cacheagent.remote.location import Location, parse_location
+from cacheagent.remote.manifest import validate_relpath
+from cacheagent.sizes import format_size
+from cacheagent.triton.layout import selected_versions
+from cacheagent.triton.params import parse_params
+from cacheagent.triton.pbtxt import Identifier, Message, PbtxtError, parse
 
 SEVERITIES = ("error", "warning", "info")
 AGENT_NAME = "cacheagent"

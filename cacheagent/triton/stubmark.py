@@ -1,6 +1,6 @@
 """The first line of a stub config: the remote config it was made from, and its hash.
 
-``cacheagent stub`` writes it (see :mod:`cacheagent.stub`); the agent reads it on
+``cacheagent stub`` writes it (see :mod:`cacheagent.triton.stub`); the agent reads it on
 every LOAD from a stub to warn when the remote config.pbtxt has changed since.
 Kept apart from the stub writer so that this check, on the hit path of a fresh
 worker, imports nothing but the standard library and xxhash.

@@ -15,10 +15,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .location import Location
-from .manifest import FileEntry
-from .remote import read_range
-from .store import BlobWriter, Store
+from cacheagent.local.store import BlobWriter, Store
+from cacheagent.remote.listing import read_range
+from cacheagent.remote.location import Location
+from cacheagent.remote.manifest import FileEntry
 
 if TYPE_CHECKING:  # fsspec costs 70 ms to import; a hit never needs it
     from concurrent.futures import Future

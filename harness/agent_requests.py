@@ -17,7 +17,7 @@ def agent_request(
     artifact: str = "REMOTE_FILESYSTEM",
     handle: str = "0xabc",
 ) -> dict[str, Any]:
-    """One agent action as ``cacheagent.actions.handle`` receives it (no ``id``).
+    """One agent action as ``cacheagent.triton.actions.handle`` receives it (no ``id``).
 
     Like the shim, it sends the model's config (here only its name) with LOAD only,
     and names this process as the Triton server that holds the lease.

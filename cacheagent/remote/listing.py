@@ -12,16 +12,16 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .errors import (
+from cacheagent.errors import (
     CacheAgentError,
     RemoteAccessDeniedError,
     RemoteChangedError,
     RemoteNotFoundError,
     StorageUnavailableError,
 )
-from .location import Location
-from .manifest import Manifest, build_manifest
-from .s3list import can_read, fast_cat, fast_find, fast_read, fast_subdirs
+from cacheagent.remote.location import Location
+from cacheagent.remote.manifest import Manifest, build_manifest
+from cacheagent.remote.s3 import can_read, fast_cat, fast_find, fast_read, fast_subdirs
 
 if TYPE_CHECKING:
     import fsspec

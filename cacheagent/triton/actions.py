@@ -22,16 +22,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .location import parse_location
-from .params import AgentParams, parse_params
-from .remote import start_listing
-from .sizes import format_size
-from .stubmark import remote_config_changed
-from .versions import policy_selector
+from cacheagent.remote.listing import start_listing
+from cacheagent.remote.location import parse_location
+from cacheagent.sizes import format_size
+from cacheagent.triton.layout import policy_selector
+from cacheagent.triton.params import AgentParams, parse_params
+from cacheagent.triton.stubmark import remote_config_changed
 
 if TYPE_CHECKING:
-    from .cache import Cache, Snapshot
-    from .prefetch import Prefetcher
+    from cacheagent.cache import Cache, Snapshot
+    from cacheagent.triton.prefetch import Prefetcher
 
 LogFn = Callable[[str, str], None]
 
@@ -70,8 +70,8 @@ def cache_for(params: AgentParams) -> Cache:
     # The cache and its index (diskcache, SQLite) are imported on first use, not
     # with this module: a fresh worker's first LOAD starts its listing first, so
     # the storage round trip overlaps these imports (see _load).
-    from .cache import Cache
-    from .fetch import FetchSettings
+    from cacheagent.cache import Cache
+    from cacheagent.remote.transfer import FetchSettings
 
     cache = _CACHES.get(params.cache_dir)
     if cache is None:
@@ -87,7 +87,7 @@ def cache_for(params: AgentParams) -> Cache:
 @functools.cache
 def prefetcher() -> Prefetcher:
     """The worker's one prefetcher (built on first use, like the cache)."""
-    from .prefetch import Prefetcher
+    from cacheagent.triton.prefetch import Prefetcher
 
     return Prefetcher(cache_for)
 
@@ -102,7 +102,7 @@ def _load(request: dict[str, Any], params: AgentParams, model: str, log: LogFn) 
     select = policy_selector(config) if params.versions == "policy" else None
     listed = start_listing(location, select)
     cache = cache_for(params)
-    from .cache import LeaseSpec  # already imported by cache_for
+    from cacheagent.cache import LeaseSpec  # already imported by cache_for
 
     pid = int(request.get("server_pid") or os.getppid())
     snapshot = cache.fetch(

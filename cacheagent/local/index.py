@@ -28,7 +28,7 @@ from typing import Any
 
 import diskcache
 
-from .errors import CacheFullError
+from cacheagent.errors import CacheFullError
 
 COUNTERS = (
     "hits",

@@ -11,7 +11,7 @@ Three emulator processes, each bound to a free ``127.0.0.1`` port:
   private temp directory, so it survives a restart.
 
 :class:`StorageRig` wraps one emulator with a fresh bucket (container) and a
-:class:`~tests.support.proxy.CountingProxy` in front of it, and exposes the same
+:class:`~harness.proxy.CountingProxy` in front of it, and exposes the same
 API for every cloud: the location string a Triton user would write
 (:meth:`StorageRig.url`), the environment that routes a client through the
 proxy (:attr:`StorageRig.env`), a direct filesystem for test setup that is not
@@ -81,7 +81,7 @@ AZURITE_KEY = (
     "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 )
 
-_REPO_ROOT = Path(__file__).resolve().parents[2]
+_REPO_ROOT = Path(__file__).resolve().parents[1]
 _LOOPBACK = "127.0.0.1"
 
 

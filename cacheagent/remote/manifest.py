@@ -22,7 +22,7 @@ from typing import Any
 
 import xxhash
 
-from .errors import UnsafePathError
+from cacheagent.errors import UnsafePathError
 
 MANIFEST_FORMAT = 1
 NAME_MAX = 255  # bytes per path component on every filesystem we target

@@ -11,13 +11,18 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from . import __version__
-from .atomic import write_text_atomically
-from .cache import Cache, Snapshot
-from .errors import CacheAgentError, InvalidLocationError, InvalidParameterError
-from .fetch import DEFAULT_CONCURRENCY, DEFAULT_PART_SIZE, FetchSettings
-from .params import MAX_CONCURRENCY, MAX_PART_SIZE, MIN_PART_SIZE, default_cache_dir
-from .sizes import ACCEPTED_SIZE_FORMS, format_size, parse_size
+from cacheagent import __version__
+from cacheagent.cache import Cache, Snapshot
+from cacheagent.errors import CacheAgentError, InvalidLocationError, InvalidParameterError
+from cacheagent.local.atomic import write_text_atomically
+from cacheagent.remote.transfer import DEFAULT_CONCURRENCY, DEFAULT_PART_SIZE, FetchSettings
+from cacheagent.sizes import ACCEPTED_SIZE_FORMS, format_size, parse_size
+from cacheagent.triton.params import (
+    MAX_CONCURRENCY,
+    MAX_PART_SIZE,
+    MIN_PART_SIZE,
+    default_cache_dir,
+)
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CORRUPT, EXIT_REPAIRED = 0, 1, 2, 3, 4
 
@@ -466,7 +471,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_stub(args: argparse.Namespace) -> int:
     """Write a stub repository of LOCATION's configs into --out."""
-    from .stub import write_stub
+    from cacheagent.triton.stub import write_stub
 
     params = {}
     for item in args.param:
@@ -492,7 +497,7 @@ def cmd_stub(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Lint a repository; exit 1 on errors."""
-    from .check import check_repository, format_report, report_json
+    from cacheagent.triton.check import check_repository, format_report, report_json
 
     report = check_repository(args.location)
     _emit(args, report_json(report), format_report(report))
@@ -501,7 +506,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_install_triton(args: argparse.Namespace) -> int:
     """Install the agent library and its worker launcher for Triton."""
-    from .install import install_triton
+    from cacheagent.triton.install import install_triton
 
     target = install_triton(args.repoagent_dir)
     print(f"installed {target}; start tritonserver with --repoagent-directory={args.repoagent_dir}")

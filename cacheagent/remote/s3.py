@@ -11,7 +11,7 @@ manifest uses (name, size, ETag), so both paths give the same snapshot key.
 Anything unexpected (no static credentials, an HTTP error, a redirect, a
 parse error) returns None and the caller lists through s3fs, which then
 reports real errors in full. Ranged reads (the miss path) keep one keep-alive
-connection per thread and raise ordinary OSErrors that cacheagent.remote
+connection per thread and raise ordinary OSErrors that cacheagent.remote.listing
 retries and translates like the SDK's.
 """
 
@@ -26,8 +26,8 @@ import urllib.parse
 import xml.etree.ElementTree as ET
 from typing import Any
 
-from . import __version__
-from .location import Location
+from cacheagent import __version__
+from cacheagent.remote.location import Location
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 USER_AGENT = f"cacheagent/{__version__} (s3list)"

@@ -26,7 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .errors import CacheAgentError
+from cacheagent.errors import CacheAgentError
 
 AGENT_NAME = "cacheagent"
 LIBRARY_NAME = f"libtritonrepoagent_{AGENT_NAME}.so"
@@ -39,7 +39,7 @@ class InstallError(CacheAgentError, OSError):
 
 def shim_library() -> Path:
     """Path of the shim built into this installed package; raises InstallError if absent."""
-    path = Path(__file__).resolve().parent / "_lib" / LIBRARY_NAME
+    path = Path(__file__).resolve().parent.parent / "_lib" / LIBRARY_NAME
     if not path.is_file():
         raise InstallError(
             f"the Triton shim {path} is missing from the installed cacheagent package; "
@@ -56,7 +56,7 @@ def launcher_script(python: str) -> str:
     return (
         "#!/bin/sh\n"
         "# Started by libtritonrepoagent_cacheagent.so; written by `cacheagent install-triton`.\n"
-        f'exec "${{CACHEAGENT_PYTHON:-{quoted}}}" -m cacheagent.worker "$@"\n'
+        f'exec "${{CACHEAGENT_PYTHON:-{quoted}}}" -I -m cacheagent.triton.worker "$@"\n'
     )
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import xxhash
 
-from .errors import CacheFullError, UnsafeCacheDirError
+from cacheagent.errors import CacheFullError, UnsafeCacheDirError
 
 BLOB_MODE = 0o444
 DIR_MODE = 0o700

@@ -8,7 +8,7 @@ Accepted forms (the same grammar Triton accepts on ``--model-repository``):
 - ``as://account/container/path``
 - a local path, absolute or relative
 
-Credentials come from :mod:`cacheagent.credentials`. The storage options that
+Credentials come from :mod:`cacheagent.remote.credentials`. The storage options that
 carry secrets are kept out of ``repr`` and out of every message.
 """
 
@@ -20,9 +20,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .clients import filesystem
-from .credentials import credentials_from_file
-from .errors import InvalidLocationError
+from cacheagent.errors import InvalidLocationError
+from cacheagent.remote.clients import filesystem
+from cacheagent.remote.credentials import credentials_from_file
 
 if TYPE_CHECKING:
     import fsspec

@@ -11,10 +11,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import InvalidLocationError, InvalidParameterError
-from .fetch import DEFAULT_CONCURRENCY, DEFAULT_PART_SIZE
-from .location import ACCEPTED_FORMS, parse_location
-from .sizes import ACCEPTED_SIZE_FORMS, parse_size
+from cacheagent.errors import InvalidLocationError, InvalidParameterError
+from cacheagent.remote.location import ACCEPTED_FORMS, parse_location
+from cacheagent.remote.transfer import DEFAULT_CONCURRENCY, DEFAULT_PART_SIZE
+from cacheagent.sizes import ACCEPTED_SIZE_FORMS, parse_size
 
 CACHE_DIR_ENV = "CACHEAGENT_CACHE_DIR"
 

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Union
 
-from .errors import CacheAgentError
+from cacheagent.errors import CacheAgentError
 
 # protobuf's own parser stops at 100 levels of nesting; so do we, and that
 # also keeps hostile input from exhausting Python's stack.

@@ -20,14 +20,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import pbtxt
-from .atomic import write_text_atomically
-from .errors import CacheAgentError, InvalidParameterError
-from .location import parse_location
-from .params import parse_params
-from .prefetch import AGENT_NAME, agent_parameters
-from .remote import list_model_names, read_file
-from .stubmark import mark_line
+from cacheagent.errors import CacheAgentError, InvalidParameterError
+from cacheagent.local.atomic import write_text_atomically
+from cacheagent.remote.listing import list_model_names, read_file
+from cacheagent.remote.location import parse_location
+from cacheagent.triton import pbtxt
+from cacheagent.triton.params import parse_params
+from cacheagent.triton.prefetch import AGENT_NAME, agent_parameters
+from cacheagent.triton.stubmark import mark_line
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""The remote side: locations, credentials, clients, one tree listing, manifests, transfer."""
