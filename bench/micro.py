@@ -137,7 +137,7 @@ _PROBE = r"""
 import json, os, sys, time
 T = time.perf_counter
 t = T(); import cacheagent.triton.worker; imp_worker = T() - t
-t = T(); from cacheagent import actions; imp_actions = T() - t
+t = T(); from cacheagent.triton import actions; imp_actions = T() - t
 from cacheagent.cache import Cache
 from cacheagent.remote.location import parse_location
 from cacheagent.remote.listing import list_manifest

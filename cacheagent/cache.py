@@ -7,25 +7,58 @@ miss fetch only the blobs not already held, then publish the snapshot.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import stat
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from cacheagent.errors import CacheFullError, RemoteChangedError, StorageUnavailableError
-from cacheagent.local.index import Index, LeaseRecord, SnapshotRecord
-from cacheagent.local.locks import file_lock
+from cacheagent.errors import (
+    CacheAgentError,
+    CacheFullError,
+    RemoteChangedError,
+    StorageUnavailableError,
+)
+from cacheagent.local.index import Index, LeaseRecord, SnapshotRecord, content_identity
+from cacheagent.local.leases import HeldLeases
+from cacheagent.local.locks import LockTimeoutError, file_lock
 from cacheagent.local.store import Store
 from cacheagent.remote.listing import list_manifest
 from cacheagent.remote.location import Location, parse_location
 from cacheagent.remote.manifest import FileEntry, Manifest, manifest_from_records
 from cacheagent.remote.transfer import FetchSettings, ProgressFn, download
+from cacheagent.settings import (
+    MAX_SIZE_ENV,
+    Settings,
+    default_cache_dir,
+    effective_budget,
+    node_budget,
+)
 from cacheagent.sizes import format_size
-from cacheagent.triton.params import default_cache_dir
+from cacheagent.triton.layout import version_dirs
 
-VERIFY_MODES = ("size", "hash", "none")
+if TYPE_CHECKING:
+    from cacheagent.tier import Tier
+
+_log = logging.getLogger(__name__)
+# Publishing re-fetches blobs an eviction collected meanwhile; this bounds that.
+_PUBLISH_ROUNDS = 3
+# How long a fetch waits for another process building the same snapshot before
+# it builds its own copy (correct either way: publishing is an atomic rename).
+BUILD_WAIT_SECONDS = 900.0
+
+
+@dataclass(frozen=True)
+class _Call:
+    """What one fetch works with: its settings, the budget they give, its selection."""
+
+    settings: Settings
+    budget: int | None
+    selection: str
 
 
 @dataclass(frozen=True)
@@ -53,6 +86,12 @@ class Snapshot:
     warning: str = ""
     files_fetched: int = 0
     lease_id: str | None = None
+    bytes_from_tier: int = 0  # of bytes_fetched: from the shared tier; the rest from the origin
+
+    @property
+    def bytes_from_origin(self) -> int:
+        """Of ``bytes_fetched``: the bytes that came from the origin."""
+        return self.bytes_fetched - self.bytes_from_tier
 
 
 @dataclass
@@ -94,37 +133,40 @@ class VerifyReport:
     blobs_checked: int = 0
     corrupt_blobs: list[str] = field(default_factory=list)
     broken_snapshots: list[str] = field(default_factory=list)
+    # Damaged snapshots a live process leases: never removed, reported.
+    leased_left: list[str] = field(default_factory=list)
+    relinked_blobs: list[str] = field(default_factory=list)
     repaired: bool = False
 
 
 class Cache:
-    """A content-addressed cache of model directories below ``cache_dir``."""
+    """A content-addressed cache of model directories below ``cache_dir``.
+
+    ``defaults`` are :class:`~cacheagent.settings.Settings` fields (``max_size``,
+    ``verify``, ``concurrency``, ...) used by calls that pass no ``settings`` of
+    their own. They are fixed at construction: a call that needs other values
+    passes them, so callers sharing one cache never see each other's settings.
+    """
 
     def __init__(
         self,
         cache_dir: str | os.PathLike[str] | None = None,
         *,
-        max_size: int | None = None,
-        verify: str = "size",
-        stale_if_error: bool = True,
-        fetch_settings: FetchSettings | None = None,
         env: Mapping[str, str] | None = None,
+        **defaults: Any,
     ) -> None:
         self.env = dict(os.environ if env is None else env)
         self.root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir(self.env)
         self.root = self.root.absolute()
-        self.max_size = max_size
-        if verify not in VERIFY_MODES:
-            raise ValueError(f"verify must be one of {VERIFY_MODES}, not {verify!r}")
-        self.verify_mode = verify
-        self.stale_if_error = stale_if_error
-        self.fetch_settings = fetch_settings or FetchSettings()
+        self.defaults = Settings(cache_dir=self.root, **defaults)
         self.store = Store(self.root)
         self.index = Index(self.root / "index")
+        self._held_leases = HeldLeases()  # open lease tokens: a lease lives while held
         self.store.clean_tmp()
 
     def close(self) -> None:
-        """Release the index's database handles."""
+        """Release the index's database handles and end the leases this object holds."""
+        self._held_leases.close_all()
         self.index.close()
 
     def __enter__(self) -> Cache:
@@ -150,10 +192,15 @@ class Cache:
         on_plan: Callable[[int, int], None] | None = None,
         listed: Callable[[], Manifest] | None = None,
         started: float | None = None,
+        settings: Settings | None = None,
+        selection: str = "",
     ) -> Snapshot:
         """Return a local snapshot of ``location``, downloading only what is missing.
 
-        ``select`` keeps only some relative paths (version-aware fetch).
+        ``settings`` applies to this call only (default: the cache's ``defaults``).
+        ``select`` keeps only some relative paths (version-aware fetch);
+        ``selection`` names what it keeps (e.g. the version policy), so that
+        stale-if-error serves only a snapshot of the same selection.
         ``lease`` is recorded before the snapshot can be evicted.
         ``on_plan(files, bytes)`` is told what a miss will download.
         ``listed`` is a listing of ``location`` with ``select`` already under way
@@ -161,48 +208,81 @@ class Cache:
         ``started`` (a ``time.monotonic()`` stamp) is then when it started.
         """
         started = time.monotonic() if started is None else started
+        call = _Call(settings or self.defaults, self.budget(settings), selection or "all")
         loc = self.parse(location)
         fs = None  # built on a miss only: a hit lists without importing the SDK
         model = model or os.path.basename(loc.root.rstrip("/"))
         try:
-            manifest = listed() if listed else list_manifest(loc, fs, select)
+            manifest = listed() if listed else list_manifest(loc, fs, select, call.settings.timeout)
         except StorageUnavailableError as exc:
-            stale = self._stale_snapshot(loc, lease, started, exc)
+            stale = self._stale_snapshot(loc, lease, started, exc, call)
             if stale is None:
                 raise
             return stale
-        self._check_budget(manifest, loc)
+        self._check_budget(manifest, loc, call.budget)
         for attempt in range(2):
-            snapshot = self._try_hit(manifest, lease, started)
+            snapshot = self._try_hit(manifest, lease, started, call)
             if snapshot:
                 return snapshot
-            with file_lock(self.store.locks_dir / f"snap-{manifest.key}.lock"):
+            with self._build_lock(manifest.key, loc):
                 # Another process may have built it while we waited for the lock.
-                snapshot = self._try_hit(manifest, lease, started)
+                snapshot = self._try_hit(manifest, lease, started, call)
                 if snapshot:
                     return snapshot
                 try:
-                    return self._build(loc, fs, manifest, model, lease, started, progress, on_plan)
+                    return self._build(
+                        loc, fs, manifest, model, lease, started, progress, on_plan, call
+                    )
                 except RemoteChangedError:
                     if attempt == 1:
                         raise
-            manifest = list_manifest(loc, fs, select)
-            self._check_budget(manifest, loc)
+            manifest = list_manifest(loc, fs, select, call.settings.timeout)
+            self._check_budget(manifest, loc, call.budget)
         raise AssertionError("unreachable")
 
-    def _check_budget(self, manifest: Manifest, loc: Location) -> None:
-        if self.max_size is not None and manifest.total_size > self.max_size:
+    def budget(self, settings: Settings | None = None) -> int | None:
+        """The budget a call works to: the stricter of its ``max_size`` and the node's.
+
+        The node-wide budget is ``$CACHEAGENT_MAX_SIZE`` (``cacheagent run --max-size``
+        sets it for Triton); a model's or a call's ``max_size`` can only narrow it.
+        """
+        own = (settings or self.defaults).max_size
+        return effective_budget(own, node_budget(self.env))
+
+    @contextlib.contextmanager
+    def _build_lock(self, key: str, loc: Location) -> Iterator[None]:
+        """Hold the snapshot's build lock, so two processes download a model once.
+
+        The wait is bounded: past it we build our own copy, which is correct
+        (publishing is an atomic rename) and only costs bandwidth.
+        """
+        lock = self.store.locks_dir / f"snap-{key}.lock"
+        try:
+            with file_lock(lock, timeout=BUILD_WAIT_SECONDS, what=f"the download of {loc.url}"):
+                yield
+                return
+        except LockTimeoutError:
+            _log.warning(
+                "another process has been downloading %s for over %.0f s; downloading it here too",
+                loc.url,
+                BUILD_WAIT_SECONDS,
+            )
+        yield
+
+    def _check_budget(self, manifest: Manifest, loc: Location, budget: int | None) -> None:
+        if budget is not None and manifest.total_size > budget:
             raise CacheFullError(
                 f"model {loc.url} needs {format_size(manifest.total_size)} "
                 f"({manifest.total_size} bytes) but the cache budget max_size is "
-                f"{format_size(self.max_size)} ({self.max_size} bytes); raise max_size"
+                f"{format_size(budget)} ({budget} bytes); raise max_size (the model's "
+                f"parameter, or the node's {MAX_SIZE_ENV})"
             )
 
     def _gc_lock(self, *, shared: bool):  # type: ignore[no-untyped-def]
         return file_lock(self.store.locks_dir / "gc.lock", shared=shared)
 
     def _try_hit(
-        self, manifest: Manifest, lease: LeaseSpec | None, started: float
+        self, manifest: Manifest, lease: LeaseSpec | None, started: float, call: _Call
     ) -> Snapshot | None:
         record = self.index.get_snapshot(manifest.key)
         if record is None or not self.store.has_snapshot(manifest.key):
@@ -210,8 +290,8 @@ class Cache:
         with self._gc_lock(shared=True):
             if not self.store.has_snapshot(manifest.key):
                 return None
-            if not self._snapshot_intact(record):
-                self._drop_corrupt(record)
+            if not self._snapshot_intact(record, call.settings.verify):
+                self._drop_corrupt(record, call.settings.verify)
                 return None
             self._take_lease(lease, record)
         self.index.touch_snapshot(record.key)
@@ -237,8 +317,8 @@ class Cache:
             lease_id=lease.lease_id if lease else None,
         )
 
-    def _snapshot_intact(self, record: SnapshotRecord) -> bool:
-        if self.verify_mode == "none":
+    def _snapshot_intact(self, record: SnapshotRecord, verify: str) -> bool:
+        if verify == "none":
             return True
         base = self.store.snapshot_path(record.key)
         for relpath, size, _fp, _md5, digest in record.files:
@@ -248,18 +328,18 @@ class Cache:
                 return False
             if not _is_regular(info.st_mode) or info.st_size != size:
                 return False
-            if self.verify_mode == "hash" and self.store.hash_file(base / relpath) != digest:
+            if verify == "hash" and self.store.hash_file(base / relpath) != digest:
                 return False
         return True
 
-    def _drop_corrupt(self, record: SnapshotRecord) -> None:
+    def _drop_corrupt(self, record: SnapshotRecord, verify: str) -> None:
         """Remove a damaged snapshot and the damaged blobs under it, so they are fetched anew."""
         base = self.store.snapshot_path(record.key)
         for relpath, size, _fp, _md5, digest in record.files:
             path = base / relpath
             try:
                 intact = path.lstat().st_size == size and (
-                    self.verify_mode != "hash" or self.store.hash_file(path) == digest
+                    verify != "hash" or self.store.hash_file(path) == digest
                 )
             except FileNotFoundError:
                 intact = True  # the link is gone, the blob may be fine
@@ -272,7 +352,8 @@ class Cache:
 
     def _take_lease(self, lease: LeaseSpec | None, record: SnapshotRecord) -> None:
         if lease is not None:
-            self.index.add_lease(lease.lease_id, record.key, lease.pid, lease.model)
+            taken = self.index.add_lease(lease.lease_id, record.key, lease.pid, lease.model)
+            self._held_leases.keep(taken)
 
     def _build(
         self,
@@ -284,57 +365,67 @@ class Cache:
         started: float,
         progress: ProgressFn | None,
         on_plan: Callable[[int, int], None] | None,
+        call: _Call,
     ) -> Snapshot:
         held, missing = self._split_held(loc, manifest)
         needed = sum(entry.size for entry in missing)
-        warning = ""
-        if self.max_size is not None:
-            after = self._make_room(needed).size_after + needed
-            if after > self.max_size:
-                # Only leased snapshots can be left: going over beats failing a model
-                # that fits on its own, but the operator must hear about it.
-                warning = (
-                    f"the cache will hold {format_size(after)}, over its budget max_size="
-                    f"{format_size(self.max_size)}, because snapshots in use by running "
-                    "servers cannot be evicted; raise max_size or unload models"
-                )
+        warning = self._make_room_for(needed, call.budget)
         self._check_free_space(needed, loc)
         if on_plan:
             on_plan(len(missing), needed)
-        with self._gc_lock(shared=True):
-            # Blobs found above may have been collected before we took the lock.
-            held, missing = self._split_held(loc, manifest)
-            fetched = download(fs, loc, missing, self.store, self.fetch_settings, progress)
+        digests, fetched_files, fetched_bytes = dict(held), 0, 0
+        tier, from_tier = self._tier(call), 0  # the shared tier, when shared_cache names one
+        # No lock is held while bytes move: evictions and other models' actions go on.
+        # An eviction may collect a blob we hold but have not linked yet; publishing
+        # checks under the (brief) gc lock and fetches such a blob again.
+        for _round in range(_PUBLISH_ROUNDS):
+            fetching = FetchSettings(
+                call.settings.concurrency, call.settings.part_size, call.settings.timeout
+            )
+            if tier is None:
+                fetched = download(loc, missing, self.store, fetching, progress)
+            else:
+                fetched, tier_bytes = self._fetch_with_tier(
+                    tier, loc, manifest, missing, fetching, progress, call
+                )
+                from_tier += tier_bytes
             if missing:
                 self._confirm_unchanged(loc, fs, manifest)
             for entry in missing:
                 self.index.remember_blob(_content_id(loc, entry), fetched[entry.path])
-            digests = {**held, **fetched}
-            path = self.store.publish_snapshot(
-                manifest.key, sorted(digests.items()), manifest.empty_dirs
+            digests.update(fetched)
+            fetched_files += len(missing)
+            fetched_bytes += sum(entry.size for entry in missing)
+            with self._gc_lock(shared=True):
+                missing = [
+                    e for e in manifest.files if not self.store.has_blob(digests[e.path], e.size)
+                ]
+                if not missing:
+                    record = self._publish(loc, manifest, model, digests, call)
+                    self._take_lease(lease, record)
+                    break
+            _log.info(
+                "%d blob(s) of %s were evicted before the snapshot was published; "
+                "fetching them again",
+                len(missing),
+                loc.url,
             )
-            record = SnapshotRecord(
-                key=manifest.key,
-                source=loc.url,
-                model=model,
-                size=manifest.total_size,
-                files=[
-                    [e.path, e.size, e.fingerprint, e.content_md5, digests[e.path]]
-                    for e in manifest.files
-                ],
-                created=time.time(),
-                last_used=time.time(),
-                versions=_versions(manifest),
-                empty_dirs=list(manifest.empty_dirs),
+        else:
+            raise CacheFullError(
+                f"the blobs of {loc.url} kept being evicted before its snapshot could be "
+                "published: the cache is too small for the models loading at once; raise "
+                "max_size or load fewer models at a time"
             )
-            self.index.put_snapshot(record)
-            self._take_lease(lease, record)
-        fetched_bytes = sum(entry.size for entry in missing)
+        if tier is not None:
+            tier.publish_manifest(loc, manifest, digests, self.store)
         self.index.count("misses")
         self.index.count("bytes_fetched", fetched_bytes)
+        if from_tier:
+            self.index.count("bytes_from_tier", from_tier)
+        self.index.count("bytes_from_origin", fetched_bytes - from_tier)
         self.index.count("bytes_served_from_cache", manifest.total_size - fetched_bytes)
         return Snapshot(
-            path=path,
+            path=self.store.snapshot_path(manifest.key),
             key=manifest.key,
             source=loc.url,
             hit=False,
@@ -342,10 +433,86 @@ class Cache:
             files=len(manifest.files),
             size=manifest.total_size,
             seconds=time.monotonic() - started,
-            files_fetched=len(missing),
+            files_fetched=fetched_files,
             lease_id=lease.lease_id if lease else None,
             warning=warning,
+            bytes_from_tier=from_tier,
         )
+
+    def _tier(self, call: _Call) -> Tier | None:
+        """The shared tier of this call (None without one, or when it cannot be opened)."""
+        if not call.settings.shared_cache:
+            return None
+        from cacheagent.tier import open_tier
+
+        try:
+            return open_tier(call.settings.shared_cache, self.env)
+        except CacheAgentError as exc:
+            _log.warning("%s; fetching from the origin without the shared tier", exc)
+            return None
+
+    def _fetch_with_tier(
+        self,
+        tier: Tier,
+        loc: Location,
+        manifest: Manifest,
+        missing: list[FileEntry],
+        fetching: FetchSettings,
+        progress: ProgressFn | None,
+        call: _Call,
+    ) -> tuple[dict[str, str], int]:
+        """Fetch ``missing`` through the shared tier: (digests, bytes that came from it)."""
+
+        def origin(entries: list[FileEntry]) -> dict[str, str]:
+            return download(loc, entries, self.store, fetching, progress)
+
+        got = tier.fetch(
+            loc, manifest, missing, self.store, origin, progress, call.settings, self.index.count
+        )
+        return got.digests, got.tier_bytes
+
+    def _make_room_for(self, needed: int, budget: int | None) -> str:
+        """Evict to fit ``needed`` more bytes; a warning if leased snapshots keep us over."""
+        if budget is None:
+            return ""
+        after = self._make_room(needed, budget).size_after + needed
+        if after <= budget:
+            return ""
+        # Only leased snapshots can be left: going over beats failing a model
+        # that fits on its own, but the operator must hear about it.
+        return (
+            f"the cache will hold {format_size(after)}, over its budget max_size="
+            f"{format_size(budget)}, because snapshots in use by running "
+            "servers cannot be evicted; raise max_size or unload models"
+        )
+
+    def _publish(
+        self,
+        loc: Location,
+        manifest: Manifest,
+        model: str,
+        digests: dict[str, str],
+        call: _Call,
+    ) -> SnapshotRecord:
+        """Link the snapshot into place and record it (under the gc lock, local I/O only)."""
+        self.store.publish_snapshot(manifest.key, sorted(digests.items()), manifest.empty_dirs)
+        record = SnapshotRecord(
+            key=manifest.key,
+            source=loc.url,
+            model=model,
+            size=manifest.total_size,
+            files=[
+                [e.path, e.size, e.fingerprint, e.content_md5, digests[e.path]]
+                for e in manifest.files
+            ],
+            created=time.time(),
+            last_used=time.time(),
+            versions=version_dirs([f.path for f in manifest.files], manifest.empty_dirs),
+            empty_dirs=list(manifest.empty_dirs),
+            selection=call.selection,
+        )
+        self.index.put_snapshot(record)
+        return record
 
     def _split_held(
         self, loc: Location, manifest: Manifest
@@ -393,15 +560,19 @@ class Cache:
         lease: LeaseSpec | None,
         started: float,
         error: StorageUnavailableError,
+        call: _Call,
     ) -> Snapshot | None:
-        if not self.stale_if_error:
+        if not call.settings.stale_if_error:
             return None
-        key = self.index.last_good(loc.url)
+        # The last good snapshot of this source *and this selection*: a model that
+        # loads version 1 must never be handed another model's version-2 snapshot.
+        key = self.index.last_good(loc.url, call.selection)
         record = self.index.get_snapshot(key) if key else None
         if record is None or not self.store.has_snapshot(record.key):
             return None
         with self._gc_lock(shared=True):
-            if not self.store.has_snapshot(record.key) or not self._snapshot_intact(record):
+            intact = self._snapshot_intact(record, call.settings.verify)
+            if not self.store.has_snapshot(record.key) or not intact:
                 return None
             self._take_lease(lease, record)
         self.index.touch_snapshot(record.key)
@@ -419,11 +590,21 @@ class Cache:
     def lease(
         self, key: str, lease_id: str, pid: int | None = None, model: str = ""
     ) -> LeaseRecord:
-        """Mark snapshot ``key`` as used by process ``pid`` (default: this one)."""
-        return self.index.add_lease(lease_id, key, pid or os.getpid(), model)
+        """Lease snapshot ``key`` until :meth:`release` or :meth:`close` (or this process ends).
+
+        ``pid`` is recorded for display only (default: this process's).
+        """
+        taken = self.index.add_lease(lease_id, key, pid or os.getpid(), model)
+        return self._held_leases.keep(taken)
+
+    def lease_token(self, lease_id: str) -> Path | None:
+        """The token file of lease ``lease_id`` held by this object: whoever else holds it
+        open with a shared flock (Triton's shim) keeps the lease alive too."""
+        return self._held_leases.path_of(lease_id)
 
     def release(self, lease_id: str) -> LeaseRecord | None:
-        """Drop a lease; return what it held, or None if it was not held."""
+        """End a lease for every holder; return what it held, or None if it was not held."""
+        self._held_leases.drop(lease_id)
         return self.index.remove_lease(lease_id)
 
     def leases(self) -> list[LeaseRecord]:
@@ -442,16 +623,16 @@ class Cache:
         Then blobs that no snapshot references are deleted. A snapshot leased
         by a live process is never evicted.
         """
-        budget = self.max_size if max_size is None else max_size
+        budget = self.budget() if max_size is None else max_size
         with self._gc_lock(shared=False):
             if not dry_run:
                 self.index.prune_dead_leases()
                 self._drop_orphans()
             return self._evict_locked(budget, 0, dry_run)
 
-    def _make_room(self, incoming: int) -> EvictionReport:
+    def _make_room(self, incoming: int, budget: int | None) -> EvictionReport:
         with self._gc_lock(shared=False):
-            return self._evict_locked(self.max_size, incoming, dry_run=False)
+            return self._evict_locked(budget, incoming, dry_run=False)
 
     def _evict_locked(self, budget: int | None, incoming: int, dry_run: bool) -> EvictionReport:
         records = self.index.snapshots()
@@ -536,51 +717,114 @@ class Cache:
         """Every snapshot the index knows, most recently used first."""
         return sorted(self.index.snapshots(), key=lambda r: r.last_used, reverse=True)
 
-    def stats(self) -> CacheStats:
-        """Counters and sizes, node-wide."""
+    def stats(self, max_size: int | None = None) -> CacheStats:
+        """Counters and sizes, node-wide, against ``max_size`` (default: :meth:`budget`)."""
         blobs = list(self.store.iter_blobs())
         return CacheStats(
             counters=self.index.counters(),
             size=sum(info.st_size for _, info in blobs),
-            max_size=self.max_size,
+            max_size=self.budget() if max_size is None else max_size,
             snapshots=len(self.index.snapshots()),
             blobs=len(blobs),
             live_leases=sum(1 for lease in self.index.leases() if lease.is_live()),
         )
 
-    def verify(self, *, repair: bool = True) -> VerifyReport:
-        """Re-hash every blob; report (and with ``repair`` remove) corrupt ones and their snapshots.
+    def verify(self, *, repair: bool = True, keys: Iterable[str] | None = None) -> VerifyReport:
+        """Re-hash blobs; report (and with ``repair`` fix) what is damaged.
 
-        A removed snapshot is fetched again, whole, at its next load.
+        ``keys`` limits the check to those snapshots (default: all). A blob whose
+        bytes are wrong is removed and every unleased snapshot using it is dropped,
+        to be fetched again at its next load. A blob that is only missing from
+        ``blobs/`` while the snapshot still holds intact bytes is linked back.
+        A snapshot a live process leases is never removed: it is reported as left.
         """
         report = VerifyReport()
+        wanted = set(keys) if keys is not None else None
+        records = [r for r in self.index.snapshots() if wanted is None or r.key in wanted]
+        # Hashing takes long on a big cache: do it with no lock held (blobs are
+        # immutable files), then take the gc lock only to repair.
+        report.corrupt_blobs = self._corrupt_blobs(records, report, everything=wanted is None)
+        corrupt = set(report.corrupt_blobs)
         with self._gc_lock(shared=False):
-            for digest, _info in list(self.store.iter_blobs()):
-                report.blobs_checked += 1
-                if self.store.hash_file(self.store.blob_path(digest)) != digest:
-                    report.corrupt_blobs.append(digest)
-            corrupt = set(report.corrupt_blobs)
-            for record in self.index.snapshots():
+            leased = self.index.live_leased_keys()
+            for record in records:
                 report.snapshots_checked += 1
-                base = self.store.snapshot_path(record.key)
-                damaged = any(
-                    digest in corrupt
-                    or not self.store.has_blob(digest, size)
-                    or not _is_regular_file(base / relpath)
-                    for relpath, size, _fp, _md5, digest in record.files
-                )
-                if damaged:
+                damaged, relinkable = self._inspect_snapshot(record, corrupt)
+                if repair:
+                    for relpath, digest in relinkable:
+                        if self.store.restore_blob(
+                            self.store.snapshot_path(record.key) / relpath, digest
+                        ):
+                            report.relinked_blobs.append(digest)
+                            _log.info(
+                                "verify: relinked blob %s from snapshot %s", digest, record.key
+                            )
+                        else:
+                            damaged = True
+                elif relinkable:
+                    damaged = True
+                if not damaged:
+                    continue
+                if record.key in leased:
+                    report.leased_left.append(record.key)
+                else:
                     report.broken_snapshots.append(record.key)
-            if repair and (corrupt or report.broken_snapshots):
-                for digest in corrupt:
-                    self.store.remove_blob(digest)
-                    self.index.forget_blob(digest)
-                for key in report.broken_snapshots:
-                    self.store.remove_snapshot(key)
-                    self.index.delete_snapshot(key)
-                    self.index.count("corrupt_repaired")
-                report.repaired = True
+            if repair:
+                self._repair(report, corrupt)
         return report
+
+    def _corrupt_blobs(
+        self, records: list[SnapshotRecord], report: VerifyReport, *, everything: bool
+    ) -> list[str]:
+        used = {digest for record in records for digest in record.blobs().values()}
+        corrupt = []
+        for digest, _info in list(self.store.iter_blobs()):
+            if not everything and digest not in used:
+                continue
+            report.blobs_checked += 1
+            try:
+                actual = self.store.hash_file(self.store.blob_path(digest))
+            except FileNotFoundError:  # collected by an eviction meanwhile
+                continue
+            if actual != digest:
+                corrupt.append(digest)
+        return corrupt
+
+    def _inspect_snapshot(
+        self, record: SnapshotRecord, corrupt: set[str]
+    ) -> tuple[bool, list[tuple[str, str]]]:
+        """(damaged, files whose blob is missing but whose snapshot copy may be intact)."""
+        base = self.store.snapshot_path(record.key)
+        damaged = False
+        relinkable = []
+        for relpath, size, _fp, _md5, digest in record.files:
+            if digest in corrupt or not _is_regular_file(base / relpath):
+                damaged = True
+            elif not self.store.has_blob(digest, size):
+                relinkable.append((relpath, digest))
+        return damaged, relinkable
+
+    def _repair(self, report: VerifyReport, corrupt: set[str]) -> None:
+        for digest in corrupt:
+            self.store.remove_blob(digest)
+            self.index.forget_blob(digest)
+        for key in report.broken_snapshots:
+            self.store.remove_snapshot(key)
+            self.index.delete_snapshot(key)
+            self.index.count("corrupt_repaired")
+            _log.warning(
+                "verify: removed damaged snapshot %s; it is fetched again at its next load", key
+            )
+        for key in report.leased_left:
+            _log.warning(
+                "verify: snapshot %s is damaged but leased by a running server; unload the "
+                "model and run verify again",
+                key,
+            )
+        report.repaired = (
+            bool(corrupt or report.broken_snapshots or report.relinked_blobs)
+            and not report.leased_left
+        )
 
     def manifest_of(self, key: str) -> Manifest | None:
         """The manifest a snapshot was built from."""
@@ -593,15 +837,8 @@ class Cache:
 
 
 def _content_id(loc: Location, entry: FileEntry) -> str:
-    # A content hash names the bytes wherever they live; a version fingerprint
-    # only names them at this exact object.
-    return entry.content_key or f"obj:{loc.url}/{entry.path}@{entry.fingerprint}:{entry.size}"
-
-
-def _versions(manifest: Manifest) -> list[str]:
-    tops = {f.path.split("/", 1)[0] for f in manifest.files if "/" in f.path}
-    tops |= {d.split("/", 1)[0] for d in manifest.empty_dirs}
-    return sorted((t for t in tops if t.isdigit()), key=int)
+    # One rule, kept by the index: it rebuilds these identities from records.
+    return content_identity(loc.url, entry)
 
 
 def _is_regular(mode: int) -> bool:

@@ -1,30 +1,38 @@
-"""Human-readable byte sizes: parse ``500MB``, ``200GiB`` or ``1048576``; format for display."""
+"""Human-readable byte sizes: parse ``500MB``, ``200GiB``, ``200Gi`` or ``1048576``; format them.
+
+Besides the usual ``KB``/``KiB`` spellings, Kubernetes quantities are accepted
+(``200Gi``, ``500Mi``, ``1G``, ``1.5Ti``), because the same budget is often
+written once in a pod spec and once in a model's config. Units are read
+case-insensitively, so ``m`` is mega, never Kubernetes' milli: a fraction of a
+byte is not a size.
+"""
 
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
 from cacheagent.errors import InvalidParameterError
 
-_UNITS: dict[str, int] = {
-    "": 1,
-    "b": 1,
-    "k": 1000,
-    "kb": 1000,
-    "m": 1000**2,
-    "mb": 1000**2,
-    "g": 1000**3,
-    "gb": 1000**3,
-    "t": 1000**4,
-    "tb": 1000**4,
-    "kib": 1024,
-    "mib": 1024**2,
-    "gib": 1024**3,
-    "tib": 1024**4,
-}
+_PREFIXES = "kmgtp"  # kilo .. peta; exa would exceed MAX_SIZE already at 5E
+
+
+def _units() -> dict[str, int]:
+    """Every accepted unit spelling (lower case) and its bytes."""
+    units = {"": 1, "b": 1}
+    for power, prefix in enumerate(_PREFIXES, start=1):
+        units[prefix] = units[f"{prefix}b"] = 1000**power  # 1G, 1GB: decimal
+        units[f"{prefix}i"] = units[f"{prefix}ib"] = 1024**power  # 1Gi, 1GiB: binary
+    return units
+
+
+_UNITS: dict[str, int] = _units()
 MAX_SIZE = 2**62  # far beyond any disk, and still exact in SQLite's 64-bit integers
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$", re.ASCII)
-ACCEPTED_SIZE_FORMS = "a byte count (1048576) or a number with a unit: 500MB, 1.5GB, 200GiB, 64KiB"
+ACCEPTED_SIZE_FORMS = (
+    "a byte count (1048576) or a number with a unit: 500MB, 1.5GB, 200GiB, 64KiB, "
+    "or a Kubernetes quantity: 200Gi, 500Mi, 1G"
+)
 
 
 def parse_size(text: str | int, *, name: str = "size") -> int:
@@ -39,12 +47,12 @@ def parse_size(text: str | int, *, name: str = "size") -> int:
     unit = match.group(2).lower() if match else ""
     if not match or unit not in _UNITS:
         raise InvalidParameterError(f"{name}: {text!r} is not a size; use {ACCEPTED_SIZE_FORMS}")
-    try:
-        value = int(float(match.group(1)) * _UNITS[unit])
-    except (OverflowError, ValueError):
-        raise InvalidParameterError(
-            f"{name}: {text!r} is too large to be a size; use {ACCEPTED_SIZE_FORMS}"
-        ) from None
+    whole, _, fraction = match.group(1).partition(".")
+    # Exact arithmetic: a float would round large byte counts. Past 20 digits the
+    # value is over MAX_SIZE anyway, and Python refuses to convert huge digit strings;
+    # 30 decimals are finer than a byte even in PiB.
+    exact = Fraction(f"{whole}.{fraction[:30] or 0}") if len(whole) <= 20 else None
+    value = MAX_SIZE + 1 if exact is None else int(exact * _UNITS[unit])
     if value > MAX_SIZE:
         raise InvalidParameterError(
             f"{name}: {text!r} is larger than any disk ({MAX_SIZE} bytes at most)"

@@ -194,6 +194,7 @@ class TritonServer:
         load_models: Sequence[str] = (),
         extra_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
+        wrapper: Sequence[str] = (),
     ) -> None:
         self.paths = paths
         self.log_path = Path(log_path)
@@ -215,7 +216,9 @@ class TritonServer:
         ]
         if repoagent_dir is not None:
             args.append(f"--repoagent-directory={repoagent_dir}")
-        self.args = args
+        # A wrapper command (``cacheagent run ... --``) runs tritonserver as its child:
+        # it shares the session, so stop() and the cleanup reach both.
+        self.args = [*wrapper, *args]
         environ = dict(os.environ)
         # The venv first: python-backend models import numpy from the venv.
         venv_bin = str(Path(sys.executable).parent)

@@ -1,34 +1,59 @@
-"""The index: what the cache holds and who uses it, in diskcache (SQLite).
+"""The index: what the cache holds, in ONE diskcache (SQLite) database, rebuildable.
 
-Tables (one diskcache directory each, all with diskcache's own eviction off,
-since its culling would drop rows while leaving our directories behind):
+One database, ``<cache_dir>/index/cache.db``, with diskcache's own eviction
+off (its culling would drop rows while leaving our directories behind). Its
+"tables" are key prefixes:
 
-- ``snapshots``: snapshot key -> record (source, model, files, size, last use)
-- ``sources``: source URL -> key of its newest good snapshot (for stale-if-error)
-- ``contents``: content identity (MD5 or object version) -> blob digest
-- ``leases``: lease id -> (snapshot key, holder pid, holder start time)
-- ``counters``: hits, misses, bytes fetched, bytes served from cache, evictions
+- ``snapshot:<key>`` -> record (source, model, files, size, last use)
+- ``source:<url>\\n<selection>`` -> key of the source's newest good snapshot
+  (for stale-if-error)
+- ``content:<identity>`` -> blob digest (identity: MD5 or object version)
+- ``counter:<name>`` -> hits, misses, bytes fetched, bytes served, evictions
 
-Every process on the node shares these rows, so counters and leases are
-node-wide. Static state in the worker would not survive Triton unloading the
-agent library; this does.
+Writes that belong together run in one transaction.
+
+The store holds the truth; this is an index of it. Every published snapshot
+also has its record as ``<cache_dir>/records/<key>.json``, written atomically
+at publish, and leases are token files (:mod:`cacheagent.local.leases`). So
+when the database is damaged (unreadable, "file is not a database"), it is
+moved aside as ``index.corrupt-<time>``, a WARNING names it, and snapshots,
+sources and contents are rebuilt from the records; counters restart at zero,
+and the log says so. Nothing a user runs ends in a traceback for it.
+
+Every process on the node shares these rows, so counters are node-wide.
+Static state in the worker would not survive Triton unloading the agent
+library; this does.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
+import json
+import logging
 import os
+import secrets
+import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import diskcache
 
 from cacheagent.errors import CacheFullError
+from cacheagent.local.atomic import write_atomically
+from cacheagent.local.leases import LeaseRecord, Leases
+from cacheagent.local.locks import file_lock
+from cacheagent.remote.manifest import FileEntry
+
+__all__ = ["COUNTERS", "Index", "LeaseRecord", "SnapshotRecord", "content_identity", "source_key"]
+
+_log = logging.getLogger(__name__)
 
 COUNTERS = (
     "hits",
@@ -39,8 +64,35 @@ COUNTERS = (
     "evictions",
     "bytes_evicted",
     "corrupt_repaired",
+    # Bytes of misses by source (bytes_served_from_cache is the local hits'), and
+    # what the shared tier did (cacheagent.tier): blobs read whole from it, followed
+    # while another node downloaded them, led (downloaded from the origin for the
+    # fleet), taken over from a dead leader, found damaged, and fetched from the
+    # origin because the tier was down, slow or read-only.
+    "bytes_from_tier",
+    "bytes_from_origin",
+    "tier_blobs_read",
+    "tier_blobs_followed",
+    "tier_blobs_led",
+    "tier_takeovers",
+    "tier_corrupt",
+    "tier_fallbacks",
 )
-_SETTINGS = {"eviction_policy": "none", "size_limit": 2**62, "statistics": False}
+# Values stay inside the one database file (diskcache would put large ones, such as
+# the record of a 300-file snapshot, in files of their own beside it).
+_SETTINGS = {
+    "eviction_policy": "none",
+    "size_limit": 2**62,
+    "statistics": False,
+    "disk_min_file_size": 2**31 - 1,
+}
+DB_NAME = "cache.db"
+_SNAPSHOT, _SOURCE, _CONTENT, _COUNTER = "snapshot:", "source:", "content:", "counter:"
+# The layout before one database: one diskcache directory per table.
+_OLD_TABLES = ("snapshots", "sources", "contents", "leases", "counters")
+REPAIR_WAIT = 120.0
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -56,208 +108,426 @@ class SnapshotRecord:
     last_used: float
     versions: list[str] = field(default_factory=list)
     empty_dirs: list[str] = field(default_factory=list)
+    # What the fetch kept of the source (e.g. its version policy): stale-if-error
+    # serves a snapshot only to a fetch of the same source and selection.
+    selection: str = "all"
 
     def blobs(self) -> dict[str, str]:
         """Map each relative path to its blob digest."""
         return {row[0]: row[4] for row in self.files}
 
-
-@dataclass
-class LeaseRecord:
-    """A live user of a snapshot: a process, identified by pid and start time."""
-
-    lease_id: str
-    key: str
-    pid: int
-    start_time: str
-    model: str
-    created: float
-
-    def is_live(self) -> bool:
-        """True while the holding process runs (a reused pid has another start time)."""
-        return bool(self.start_time) and process_start_time(self.pid) == self.start_time
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> SnapshotRecord:
+        """A record from its stored form; fields unknown to this version are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in names})
 
 
-def process_start_time(pid: int) -> str:
-    """A token for when ``pid`` started: '' if it does not run (Linux: /proc stat field 22)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            raw = handle.read().decode(errors="replace")
-        fields = raw.rsplit(")", 1)[1].split()
-        # A zombie (killed, not yet reaped by its parent) uses nothing any more.
-        return "" if fields[0] in ("Z", "X") else fields[19]
-    except FileNotFoundError:
-        return ""
-    except (OSError, IndexError):
+def source_key(source: str, selection: str) -> str:
+    """The sources-table key of a source URL fetched with one selection."""
+    return f"{source}\n{selection}"
+
+
+def content_identity(source: str, entry: FileEntry) -> str:
+    """The contents-table identity of a remote file: its content hash, else its version.
+
+    A content hash names the bytes wherever they live; a version fingerprint
+    only names them at this exact object.
+    """
+    return entry.content_key or f"obj:{source}/{entry.path}@{entry.fingerprint}:{entry.size}"
+
+
+def _repairing(method: Callable[..., T]) -> Callable[..., T]:
+    """Run an Index method; if the database turns out damaged, repair it and run it again."""
+
+    @functools.wraps(method)
+    def run(self: Index, *args: Any, **kwargs: Any) -> T:
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return ""
-        except PermissionError:
-            return "alive"
-        return "alive"
+            return method(self, *args, **kwargs)
+        except sqlite3.DatabaseError as exc:
+            if not _is_corrupt(exc):
+                raise
+            self.repair(exc)
+            return method(self, *args, **kwargs)
+
+    return run
 
 
 class Index:
-    """Typed access to the index tables below ``<cache_dir>/index``."""
+    """Typed access to the index database below ``<cache_dir>/index``.
 
-    def __init__(self, root: Path) -> None:
+    ``records_dir`` and ``leases_dir`` default to the cache directory's
+    ``records/`` and ``leases/`` (siblings of ``root``).
+    """
+
+    def __init__(
+        self, root: Path, *, records_dir: Path | None = None, leases_dir: Path | None = None
+    ) -> None:
         self.root = root
-        self._tables: dict[str, diskcache.Cache] = {}
-        self._open_lock = threading.Lock()  # prefetch threads share the index
+        self.db_path = root / DB_NAME
+        self.records_dir = records_dir or root.parent / "records"
+        self.lease_tokens = Leases(leases_dir or root.parent / "leases")
+        self._db_handle: diskcache.Cache | None = None
+        self._open_lock = threading.RLock()  # prefetch threads share the index
+        # Rows of removed snapshots not deleted yet because the disk was full (see
+        # delete_snapshot); hidden from every read until a later write deletes them.
+        self._pending_deletes: set[str] = set()
+        self._pending_lock = threading.Lock()
 
-    # Each table is opened on first use: a hit touches three of the five, and every
-    # SQLite open (connect, pragmas, schema check) costs a fresh worker milliseconds.
-    def _table(self, name: str) -> diskcache.Cache:
-        table = self._tables.get(name)
-        if table is None:
+    # The database is opened on first use: every SQLite open (connect, pragmas,
+    # schema check) costs a fresh worker milliseconds, and leases need none.
+    @property
+    def _db(self) -> diskcache.Cache:
+        handle = self._db_handle
+        if handle is None:
             with self._open_lock:
-                table = self._tables.get(name)
-                if table is None:
-                    table = diskcache.Cache(str(self.root / name), **_SETTINGS)
-                    self._tables[name] = table
-        return table
+                handle = self._db_handle
+                if handle is None:
+                    handle = self._open()
+                    self._db_handle = handle
+        return handle
 
-    @property
-    def _snapshots(self) -> diskcache.Cache:
-        return self._table("snapshots")
-
-    @property
-    def _sources(self) -> diskcache.Cache:
-        return self._table("sources")
-
-    @property
-    def _contents(self) -> diskcache.Cache:
-        return self._table("contents")
-
-    @property
-    def _leases(self) -> diskcache.Cache:
-        return self._table("leases")
-
-    @property
-    def _counters(self) -> diskcache.Cache:
-        return self._table("counters")
+    def _open(self) -> diskcache.Cache:
+        fresh = not self.db_path.exists()
+        try:
+            with self._disk_full():
+                db = diskcache.Cache(str(self.root), **_SETTINGS)
+        except sqlite3.DatabaseError as exc:
+            if not _is_corrupt(exc):
+                raise
+            return self._repaired(exc)
+        if fresh and (self.root / "snapshots" / DB_NAME).exists():
+            self._migrate_tables(db)
+        return db
 
     def close(self) -> None:
-        """Close the SQLite connections opened so far."""
+        """Close the database connection (of the calling thread; others close with it)."""
         with self._open_lock:
-            tables, self._tables = list(self._tables.values()), {}
-        for table in tables:
-            table.close()
+            handle, self._db_handle = self._db_handle, None
+        if handle is not None:
+            handle.close()
 
     # -- snapshots ---------------------------------------------------------
 
+    @_repairing
     def get_snapshot(self, key: str) -> SnapshotRecord | None:
         """The record of a snapshot, or None."""
-        raw = self._snapshots.get(key)
-        return SnapshotRecord(**raw) if raw else None
+        if key in self._pending_deletes:
+            return None
+        raw = self._db.get(_SNAPSHOT + key)
+        return SnapshotRecord.from_dict(raw) if raw else None
 
+    @_repairing
     def put_snapshot(self, record: SnapshotRecord) -> None:
-        """Record a published snapshot and make it its source's newest good one."""
-        with self._disk_full():
-            self._snapshots.set(record.key, asdict(record))
-            self._sources.set(record.source, record.key)
+        """Record a published snapshot and make it its source's newest good one.
 
+        The record is first written beside the snapshot (``records/<key>.json``),
+        so the store can always rebuild the index.
+        """
+        self._write_record_file(record)
+        with self._pending_lock:
+            self._pending_deletes.discard(record.key)
+        self._flush_deletes()
+        with self._disk_full(), self._db.transact():
+            self._db.set(_SNAPSHOT + record.key, asdict(record))
+            self._db.set(_SOURCE + source_key(record.source, record.selection), record.key)
+
+    @_repairing
     def touch_snapshot(self, key: str) -> None:
         """Mark a snapshot as used now (for LRU eviction); best effort on a full disk."""
-        with _best_effort(), self._snapshots.transact():
-            raw = self._snapshots.get(key)
+        with _best_effort(self.root), self._db.transact():
+            raw = self._db.get(_SNAPSHOT + key)
             if raw:
                 raw["last_used"] = time.time()
-                self._snapshots.set(key, raw)
+                self._db.set(_SNAPSHOT + key, raw)
 
+    @_repairing
     def delete_snapshot(self, key: str) -> None:
-        """Forget a snapshot (and its source pointer if it pointed here)."""
-        raw = self._snapshots.pop(key, None)
-        if raw and self._sources.get(raw["source"]) == key:
-            self._sources.delete(raw["source"])
+        """Forget a snapshot (and its source pointer if it pointed here).
 
+        Works on a full disk too, where SQLite cannot write: the row is then
+        hidden and deleted by a later write (eviction frees space first). That
+        is safe because the store is the truth: the snapshot's directory and
+        record are gone already, and an index rebuild would not bring it back.
+        """
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._record_path(key))
+        with self._pending_lock:
+            self._pending_deletes.add(key)
+        self._flush_deletes()
+
+    def _flush_deletes(self) -> None:
+        with self._pending_lock:
+            keys = sorted(self._pending_deletes)
+        if not keys:
+            return
+        deleted = False
+        with _best_effort(self.root):
+            with self._db.transact():
+                for key in keys:
+                    raw = self._db.pop(_SNAPSHOT + key, None)
+                    if raw:
+                        source = _SOURCE + source_key(raw["source"], raw.get("selection", "all"))
+                        if self._db.get(source) == key:
+                            self._db.delete(source)
+            deleted = True  # committed
+        if deleted:
+            with self._pending_lock:
+                self._pending_deletes.difference_update(keys)
+
+    @_repairing
     def snapshots(self) -> list[SnapshotRecord]:
         """All snapshot records."""
         records = []
-        for key in list(self._snapshots.iterkeys()):
-            raw = self._snapshots.get(key)
-            if raw:
-                records.append(SnapshotRecord(**raw))
+        for key in self._keys(_SNAPSHOT):
+            raw = self._db.get(key)
+            if raw and key.removeprefix(_SNAPSHOT) not in self._pending_deletes:
+                records.append(SnapshotRecord.from_dict(raw))
         return records
 
-    def last_good(self, source: str) -> str | None:
-        """Key of the newest snapshot published for ``source``."""
-        value = self._sources.get(source)
+    @_repairing
+    def last_good(self, source: str, selection: str = "all") -> str | None:
+        """Key of the newest snapshot published for ``source`` with ``selection``."""
+        value = self._db.get(_SOURCE + source_key(source, selection))
         return str(value) if value else None
 
     # -- content identities -> blobs ----------------------------------------
 
+    @_repairing
     def blob_for(self, content_id: str) -> str | None:
         """The blob digest already holding this content identity, if known."""
-        value = self._contents.get(content_id)
+        value = self._db.get(_CONTENT + content_id)
         return str(value) if value else None
 
+    @_repairing
     def remember_blob(self, content_id: str, digest: str) -> None:
         """Record that ``content_id`` is stored as blob ``digest``."""
         with self._disk_full():
-            self._contents.set(content_id, digest)
+            self._db.set(_CONTENT + content_id, digest)
 
+    @_repairing
     def forget_blob(self, digest: str) -> int:
         """Drop every content identity that points at ``digest``; return how many."""
-        doomed = [k for k in list(self._contents.iterkeys()) if self._contents.get(k) == digest]
-        for key in doomed:
-            self._contents.delete(key)
-        return len(doomed)
+        return self._drop_contents(lambda value: value == digest)
 
+    @_repairing
     def prune_contents(self, live_digests: set[str]) -> int:
         """Drop content identities whose blob is gone; return how many."""
-        doomed = [
-            k for k in list(self._contents.iterkeys()) if self._contents.get(k) not in live_digests
-        ]
-        for key in doomed:
-            self._contents.delete(key)
-        return len(doomed)
+        return self._drop_contents(lambda value: value not in live_digests)
 
-    # -- leases ------------------------------------------------------------
+    def _drop_contents(self, doomed: Callable[[Any], bool]) -> int:
+        # Best effort on a full disk: an identity whose blob is gone is harmless,
+        # since a fetch checks that the blob exists before it relies on one.
+        self._flush_deletes()
+        dropped = 0
+        with _best_effort(self.root):
+            with self._db.transact():
+                keys = [k for k in self._keys(_CONTENT) if doomed(self._db.get(k))]
+                for key in keys:
+                    self._db.delete(key)
+            dropped = len(keys)  # committed
+        return dropped
+
+    # -- leases (token files, see cacheagent.local.leases) ------------------
 
     def add_lease(self, lease_id: str, key: str, pid: int, model: str) -> LeaseRecord:
-        """Record that process ``pid`` uses snapshot ``key``."""
-        record = LeaseRecord(lease_id, key, pid, process_start_time(pid), model, time.time())
-        with self._disk_full():
-            self._leases.set(lease_id, asdict(record))
-        return record
+        """Lease snapshot ``key``: the returned record's ``token`` holds it until closed.
+
+        ``pid`` is recorded for display only; the lease lives as long as some
+        process holds its token.
+        """
+        return self.lease_tokens.add(lease_id, key, pid, model)
 
     def remove_lease(self, lease_id: str) -> LeaseRecord | None:
-        """Drop a lease; return it, or None if there was none."""
-        raw = self._leases.pop(lease_id, None)
-        return LeaseRecord(**raw) if raw else None
+        """End a lease for all its holders; return it, or None if there was none."""
+        return self.lease_tokens.remove(lease_id)
 
     def leases(self) -> list[LeaseRecord]:
         """All lease records, live or not."""
-        records = []
-        for key in list(self._leases.iterkeys()):
-            raw = self._leases.get(key)
-            if raw:
-                records.append(LeaseRecord(**raw))
-        return records
+        return self.lease_tokens.all()
 
     def prune_dead_leases(self) -> int:
-        """Drop leases whose process is gone; return how many."""
-        dead = [lease for lease in self.leases() if not lease.is_live()]
-        for lease in dead:
-            self._leases.delete(lease.lease_id)
-        return len(dead)
+        """Drop leases no running process holds; return how many."""
+        return self.lease_tokens.prune_dead()
 
     def live_leased_keys(self) -> set[str]:
-        """Keys of snapshots that a running process holds."""
-        return {lease.key for lease in self.leases() if lease.is_live()}
+        """Keys of snapshots that a running process holds a lease on."""
+        return self.lease_tokens.live_keys()
 
     # -- counters ----------------------------------------------------------
 
+    @_repairing
     def count(self, name: str, amount: int = 1) -> None:
         """Add ``amount`` to a node-wide counter (atomic across processes); best effort."""
-        with _best_effort():
-            self._counters.incr(name, amount, default=0)
+        with _best_effort(self.root):
+            self._db.incr(_COUNTER + name, amount, default=0)
 
+    @_repairing
     def counters(self) -> dict[str, int]:
         """Every counter, zero when never counted."""
-        return {name: int(self._counters.get(name, 0)) for name in COUNTERS}
+        return {name: int(self._db.get(_COUNTER + name, 0)) for name in COUNTERS}
+
+    @_repairing
+    def clear(self) -> None:
+        """Forget every snapshot, source, content identity and counter (leases stay)."""
+        self._db.clear()
+        for path in self._record_files():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    # -- repair --------------------------------------------------------------
+
+    def repair(self, error: BaseException | None = None) -> None:
+        """Replace a damaged database by one rebuilt from the store's records.
+
+        Safe to call from several processes at once: under the repair lock, a
+        database that another process has already repaired is kept.
+        """
+        with self._open_lock:
+            self.close()
+            self._db_handle = self._repaired(error)
+
+    def _repaired(self, error: BaseException | None) -> diskcache.Cache:
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        lock = self.root / "repair.lock"
+        with file_lock(
+            lock, timeout=REPAIR_WAIT, what=f"the repair of the cache index {self.root}"
+        ):
+            if self._database_is_sound():
+                # Another process repaired it while we waited, or our handle was stale.
+                return diskcache.Cache(str(self.root), **_SETTINGS)
+            aside = self._move_aside()
+            _log.warning(
+                "the cache index %s is damaged (%s); moved it aside to %s and rebuilding it "
+                "from the snapshot records in %s",
+                self.db_path,
+                error or "failed its integrity check",
+                aside,
+                self.records_dir,
+            )
+            with self._disk_full():
+                db = diskcache.Cache(str(self.root), **_SETTINGS)
+                rebuilt = self._rebuild(db)
+        _log.warning(
+            "rebuilt the cache index from %d snapshot record(s); its counters (hits, misses, "
+            "bytes fetched, evictions) were lost and start again from zero; the damaged "
+            "file %s can be deleted",
+            rebuilt,
+            aside,
+        )
+        return db
+
+    def _database_is_sound(self) -> bool:
+        if not self.db_path.exists():
+            return False
+        try:
+            connection = sqlite3.connect(str(self.db_path), timeout=REPAIR_WAIT)
+            try:
+                (result,) = connection.execute("PRAGMA quick_check").fetchone()
+                tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
+            finally:
+                connection.close()
+        except sqlite3.DatabaseError as exc:
+            if _is_corrupt(exc):
+                return False
+            raise
+        return result == "ok" and {"Cache", "Settings"} <= tables
+
+    def _move_aside(self) -> Path:
+        stamp = time.strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(2)
+        aside = self.root / f"index.corrupt-{stamp}"
+        # The write-ahead log and shared memory belong to the damaged file: a WAL
+        # left beside a new database could be replayed into it.
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(f"{self.db_path}{suffix}", f"{aside}{suffix}")
+        return aside
+
+    def _rebuild(self, db: diskcache.Cache) -> int:
+        """Fill an empty database from ``records/*.json``; return how many snapshots."""
+        records = self._stored_records()
+        newest: dict[str, SnapshotRecord] = {}
+        with db.transact():
+            for record in records:
+                db.set(_SNAPSHOT + record.key, asdict(record))
+                for relpath, size, fingerprint, md5, digest in record.files:
+                    entry = FileEntry(str(relpath), int(size), str(fingerprint), md5)
+                    db.set(_CONTENT + content_identity(record.source, entry), digest)
+                source = source_key(record.source, record.selection)
+                if source not in newest or newest[source].created < record.created:
+                    newest[source] = record
+            for source, record in newest.items():
+                db.set(_SOURCE + source, record.key)
+        return len(records)
+
+    def _migrate_tables(self, db: diskcache.Cache) -> None:
+        """Bring rows over from the old one-database-per-table layout, then drop it."""
+        try:
+            old = diskcache.Cache(str(self.root / "snapshots"), **_SETTINGS)
+            try:
+                for key in list(old.iterkeys()):
+                    raw = old.get(key)
+                    if raw:
+                        self._write_record_file(SnapshotRecord.from_dict(raw))
+            finally:
+                old.close()
+            counters = diskcache.Cache(str(self.root / "counters"), **_SETTINGS)
+            try:
+                for name in COUNTERS:
+                    db.set(_COUNTER + name, int(counters.get(name, 0)))
+            finally:
+                counters.close()
+            migrated = self._rebuild(db)
+        except (sqlite3.Error, OSError, TypeError, ValueError) as exc:
+            _log.warning(
+                "could not bring the old cache index in %s over (%s); snapshots cached by the "
+                "old version will be fetched again",
+                self.root,
+                exc,
+            )
+            return
+        for table in _OLD_TABLES:
+            shutil.rmtree(self.root / table, ignore_errors=True)
+        _log.info("moved the cache index %s to one database (%d snapshots)", self.root, migrated)
+
+    # -- records beside the snapshots -------------------------------------
+
+    def _record_path(self, key: str) -> Path:
+        return self.records_dir / f"{key}.json"
+
+    def _write_record_file(self, record: SnapshotRecord) -> None:
+        write_atomically(
+            self._record_path(record.key),
+            json.dumps(asdict(record), sort_keys=True),
+            mode=0o600,
+        )
+
+    def _record_files(self) -> list[Path]:
+        try:
+            return [
+                self.records_dir / n for n in os.listdir(self.records_dir) if n.endswith(".json")
+            ]
+        except FileNotFoundError:
+            return []
+
+    def _stored_records(self) -> list[SnapshotRecord]:
+        records = []
+        for path in self._record_files():
+            try:
+                raw = json.loads(path.read_text())
+                record = SnapshotRecord.from_dict(raw)
+                if record.key != path.stem:
+                    raise ValueError(f"it names snapshot {record.key}")
+            except (OSError, ValueError, TypeError) as exc:
+                _log.warning("skipping the unreadable snapshot record %s: %s", path, exc)
+                continue
+            records.append(record)
+        return records
+
+    # -- helpers -------------------------------------------------------------
+
+    def _keys(self, prefix: str) -> list[str]:
+        return [k for k in self._db.iterkeys() if isinstance(k, str) and k.startswith(prefix)]
 
     @contextlib.contextmanager
     def _disk_full(self) -> Iterator[None]:
@@ -265,29 +535,42 @@ class Index:
         try:
             yield
         except sqlite3.OperationalError as exc:
-            if not _is_disk_full(exc):
+            if not _is_disk_full(exc, self.root):
                 raise
-            raise CacheFullError(
-                f"the disk holding the cache index {self.root} is full, so the cache cannot "
-                "record what it holds; free space on that disk, lower max_size, or move cache_dir"
-            ) from None
-
-    def clear(self) -> None:
-        """Forget everything (used by purge)."""
-        for table in (self._snapshots, self._sources, self._contents, self._leases, self._counters):
-            table.clear()
+            full = CacheFullError(
+                f"the disk holding the cache index {self.root} is full (no bytes or inodes "
+                "left), so the cache cannot record what it holds; free space on that disk, "
+                "lower max_size, or move cache_dir"
+            )
+            raise full from None
 
 
-def _is_disk_full(exc: sqlite3.OperationalError) -> bool:
-    return "full" in str(exc).lower()
+def _is_corrupt(exc: sqlite3.DatabaseError) -> bool:
+    """True for a damaged database file ("file is not a database", "malformed")."""
+    if isinstance(exc, sqlite3.OperationalError):
+        return False  # locked, busy, I/O, full: a problem of the moment, not of the file
+    text = str(exc).lower()
+    return "not a database" in text or "malformed" in text or "corrupt" in text
+
+
+def _is_disk_full(exc: sqlite3.OperationalError, root: Path) -> bool:
+    text = str(exc).lower()
+    if "full" in text:
+        return True
+    # Out of inodes, SQLite cannot create its journal or WAL and says only this.
+    if "unable to open" in text:
+        with contextlib.suppress(OSError):
+            info = os.statvfs(root if root.exists() else root.parent)
+            return info.f_favail == 0 or info.f_bavail == 0
+    return False
 
 
 @contextlib.contextmanager
-def _best_effort() -> Iterator[None]:
+def _best_effort(root: Path) -> Iterator[None]:
     # Bookkeeping (last use, counters) must not fail a load that needs no new
     # space, such as a hit on a full disk: skip it when SQLite cannot write.
     try:
         yield
     except sqlite3.OperationalError as exc:
-        if not _is_disk_full(exc):
+        if not _is_disk_full(exc, root):
             raise

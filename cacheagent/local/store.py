@@ -4,19 +4,33 @@ Layout under the cache directory::
 
     blobs/ab/ab12...ef      one file per distinct content, read-only
     snapshots/<key>/...     a model directory made of hardlinks to blobs
+    records/<key>.json      each snapshot's record (the index is rebuilt from these)
     tmp/                    unique temp files and dirs, renamed into place when whole
+    leases/                 lease tokens (see cacheagent.local.leases)
+    owners/                 owner tokens of the processes writing temp files
     locks/                  lock files; they only save duplicate work
 
 Correctness never depends on a lock: every blob and snapshot is built under
 a unique temporary name and appears with one atomic rename (or link), so a
 reader sees all of it or none of it, whatever process dies when.
+
+Temp entries are named after their writer's owner token
+(:mod:`cacheagent.local.liveness`), never its pid: one that no live process
+holds is garbage, whatever pid namespace its writer ran in. They are built on
+the filesystem they will land on: in ``tmp/`` when it shares a mount with the
+destination, else in a ``.staging/`` directory inside ``blobs/`` or
+``snapshots/``, so that each may be a separate mount and renames stay atomic.
+Snapshot files are hardlinks to blobs, or copies when the two are on different
+filesystems (logged once, since copies cost space).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
+import re
 import shutil
 import stat
 import threading
@@ -28,10 +42,15 @@ from pathlib import Path
 import xxhash
 
 from cacheagent.errors import CacheFullError, UnsafeCacheDirError
+from cacheagent.local.liveness import OWNERS, ProcessOwners, remove_if_unheld
+
+_log = logging.getLogger(__name__)
 
 BLOB_MODE = 0o444
 DIR_MODE = 0o700
 HASH_CHUNK = 8 * 1024 * 1024
+STAGING = ".staging"  # a name no blob shard (2 hex digits) or snapshot key can have
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclass(frozen=True)
@@ -78,8 +97,10 @@ class BlobWriter:
 
     def __init__(self, store: Store, size: int) -> None:
         self.size = size
-        self.path = store.tmp_dir / f"{os.getpid()}-{uuid.uuid4().hex}.blob"
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self.path = store.temp_path(store.blobs_dir, ".blob")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        with store.room_for(self.path, size):
+            self._fd = os.open(self.path, flags, 0o600)
         self._hasher = xxhash.xxh3_128()
         self._hashed_upto = 0
         self._pending: dict[int, bytes] = {}
@@ -118,19 +139,28 @@ class BlobWriter:
             raise RuntimeError(f"blob {self.path} committed at {self._hashed_upto}/{self.size}")
         digest = self._hasher.hexdigest()
         try:
-            os.fsync(self._fd)
+            with self._store.room_for(self.path, self.size):
+                os.fsync(self._fd)
+                os.fchmod(self._fd, BLOB_MODE)
         finally:
-            os.close(self._fd)
-        os.chmod(self.path, BLOB_MODE)
+            self._close()
         self._store.adopt_blob(self.path, digest)
         return digest
 
     def abort(self) -> None:
-        """Drop the partial blob."""
-        with contextlib.suppress(OSError):
-            os.close(self._fd)
+        """Drop the partial blob (safe to call more than once, and after a failed commit)."""
+        self._close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
+
+    def _close(self) -> None:
+        # Close once: a second os.close of the same number could close a descriptor
+        # another thread has opened since.
+        with self._lock:
+            fd, self._fd = self._fd, -1
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 class Store:
@@ -140,13 +170,22 @@ class Store:
         self.root = root
         self.blobs_dir = root / "blobs"
         self.snapshots_dir = root / "snapshots"
+        self.records_dir = root / "records"
         self.tmp_dir = root / "tmp"
+        self.leases_dir = root / "leases"
+        self.owners_dir = root / "owners"
         self.locks_dir = root / "locks"
+        self._staging: dict[Path, Path] = {}
+        self._staging_lock = threading.Lock()
+        self._warned_copy = False
         ensure_private_dir(root)
         for directory in (
             self.blobs_dir,
             self.snapshots_dir,
+            self.records_dir,
             self.tmp_dir,
+            self.leases_dir,
+            self.owners_dir,
             self.locks_dir,
             root / "index",
         ):
@@ -176,21 +215,51 @@ class Store:
         return BlobWriter(self, size)
 
     def adopt_blob(self, temp: Path, digest: str) -> None:
-        """Move a finished temp file into place under ``digest``; keep an existing copy."""
+        """Move a finished temp file (staged by :meth:`temp_path`) into place under ``digest``.
+
+        An existing intact copy is kept. The temp file is gone afterwards, also on error.
+        """
         target = self.blob_path(digest)
-        _ensure_real_dir(target.parent)
         try:
-            # link() never replaces: if another process stored the same content
-            # first, its inode (already linked from snapshots) stays the blob.
-            os.link(temp, target)
-        except FileExistsError:
-            # ...unless what holds the name is damaged (wrong size) or no regular
-            # file at all: then the bytes we just verified take its place.
-            if not self.has_blob(digest, os.lstat(temp).st_size):
-                os.replace(temp, target)
+            with self.room_for(target):
+                _ensure_real_dir(target.parent)
+                try:
+                    # link() never replaces: if another process stored the same content
+                    # first, its inode (already linked from snapshots) stays the blob.
+                    os.link(temp, target)
+                except FileExistsError:
+                    # ...unless what holds the name is damaged (wrong size) or no regular
+                    # file at all: then the bytes we just verified take its place.
+                    if not self.has_blob(digest, os.lstat(temp).st_size):
+                        os.replace(temp, target)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temp)
+
+    def restore_blob(self, source: Path, digest: str) -> bool:
+        """Link ``source`` (a snapshot's copy) back in as blob ``digest`` if its bytes match.
+
+        Used by verification when a blob's name was lost but a snapshot still
+        holds the same inode; True if the blob is in place afterwards.
+        """
+        if self.hash_file(source) != digest:
+            return False
+        target = self.blob_path(digest)
+        _ensure_real_dir(target.parent)
+        try:
+            os.link(source, target, follow_symlinks=False)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EMLINK, errno.EPERM, errno.ENOTSUP):
+                raise
+            # blobs/ on another filesystem than snapshots/: copy the verified bytes in.
+            self._warn_copying(exc)
+            temp = self.temp_path(target, ".blob")
+            shutil.copyfile(source, temp, follow_symlinks=False)
+            os.chmod(temp, BLOB_MODE)
+            self.adopt_blob(temp, digest)
+        return self.has_blob(digest)
 
     def remove_blob(self, digest: str) -> None:
         """Delete a blob (used when it is found corrupt)."""
@@ -219,7 +288,7 @@ class Store:
     def iter_blobs(self) -> Iterator[tuple[str, os.stat_result]]:
         """Every blob as (digest, stat)."""
         for shard in _scandir(self.blobs_dir):
-            if not shard.is_dir(follow_symlinks=False):
+            if shard.name == STAGING or not shard.is_dir(follow_symlinks=False):
                 continue  # a planted symlink must not make gc delete what it points at
             for entry in _scandir(Path(shard.path)):
                 if entry.is_file(follow_symlinks=False):
@@ -254,15 +323,17 @@ class Store:
         self, key: str, files: Iterable[tuple[str, str]], empty_dirs: Iterable[str] = ()
     ) -> Path:
         """Assemble ``(relpath, digest)`` pairs in a temp dir and rename it into place."""
-        temp = self.tmp_dir / f"{os.getpid()}-{uuid.uuid4().hex}.snap"
-        temp.mkdir(mode=0o755)
+        temp = self.temp_path(self.snapshots_dir, ".snap")
+        with self.room_for(temp):
+            temp.mkdir(mode=0o755)
         try:
-            for relpath in empty_dirs:
-                (temp / relpath).mkdir(mode=0o755, parents=True, exist_ok=True)
-            for relpath, digest in files:
-                dest = temp / relpath
-                dest.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-                self._link_or_copy(self.blob_path(digest), dest)
+            with self.room_for(temp):
+                for relpath in empty_dirs:
+                    (temp / relpath).mkdir(mode=0o755, parents=True, exist_ok=True)
+                for relpath, digest in files:
+                    dest = temp / relpath
+                    dest.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+                    self._link_or_copy(self.blob_path(digest), dest)
             _make_subdirs_read_only(temp)
             target = self.snapshot_path(key)
             if os.path.lexists(target) and not _is_real_dir(target):
@@ -283,7 +354,10 @@ class Store:
     def remove_snapshot(self, key: str) -> None:
         """Remove a snapshot: rename it away first so it vanishes at once, then delete."""
         target = self.snapshot_path(key)
-        doomed = self.tmp_dir / f"{os.getpid()}-{uuid.uuid4().hex}.gone"
+        # Renamed within its own filesystem (snapshots/ may be a mount of its own). No
+        # owner name: it is garbage already, so any cleaner may finish deleting it,
+        # and eviction on a disk out of inodes must not need a new owner token.
+        doomed = self._staging_dir(self.snapshots_dir) / f"gone.{uuid.uuid4().hex}.gone"
         try:
             os.rename(target, doomed)
         except FileNotFoundError:
@@ -292,7 +366,11 @@ class Store:
 
     def snapshot_keys(self) -> list[str]:
         """Keys of all published snapshots on disk."""
-        return [e.name for e in _scandir(self.snapshots_dir) if e.is_dir(follow_symlinks=False)]
+        return [
+            e.name
+            for e in _scandir(self.snapshots_dir)
+            if e.name != STAGING and e.is_dir(follow_symlinks=False)
+        ]
 
     def _link_or_copy(self, blob: Path, dest: Path) -> None:
         try:
@@ -300,20 +378,75 @@ class Store:
         except OSError as exc:
             if exc.errno not in (errno.EXDEV, errno.EMLINK, errno.EPERM, errno.ENOTSUP):
                 raise
-            shutil.copyfile(blob, dest)
+            self._warn_copying(exc)
+            shutil.copyfile(blob, dest, follow_symlinks=False)
             os.chmod(dest, BLOB_MODE)
+
+    def _warn_copying(self, exc: OSError) -> None:
+        if self._warned_copy:
+            return
+        self._warned_copy = True
+        _log.warning(
+            "cannot hardlink blobs of the cache %s into its snapshots (%s): snapshot files "
+            "are copied instead, so each snapshot costs its full size again on disk; keep "
+            "%s and %s on one filesystem to avoid it",
+            self.root,
+            exc.strerror or exc,
+            self.blobs_dir,
+            self.snapshots_dir,
+        )
+
+    # -- temp entries --------------------------------------------------------
+
+    def temp_path(self, destination: Path, suffix: str) -> Path:
+        """A unique temp name for an entry bound for ``destination``, owned by this process.
+
+        It lies on ``destination``'s filesystem (see the module docstring), and
+        carries this process's owner name, so :meth:`clean_tmp` can tell when
+        its writer is gone.
+        """
+        owner = OWNERS.name_in(self.owners_dir)
+        return self._staging_dir(destination) / f"{owner}.{uuid.uuid4().hex}{suffix}"
+
+    def _staging_dir(self, destination: Path) -> Path:
+        with self._staging_lock:
+            staging = self._staging.get(destination)
+            if staging is None:
+                staging = self.tmp_dir
+                if not same_mount(self.tmp_dir, destination):
+                    staging = destination / STAGING
+                    with self.room_for(staging):
+                        _ensure_real_dir(staging)
+                self._staging[destination] = staging
+            return staging
+
+    def staging_dirs(self) -> list[Path]:
+        """Every directory that may hold temp entries."""
+        return [self.tmp_dir, self.blobs_dir / STAGING, self.snapshots_dir / STAGING]
 
     # -- housekeeping ------------------------------------------------------
 
     def clean_tmp(self) -> int:
-        """Remove temp files and dirs left by processes that no longer run; return the count."""
+        """Remove temp files and dirs whose writer no longer runs; return the count.
+
+        A writer runs while it holds its owner token: the kernel drops the lock
+        when the process dies, in whatever pid namespace or container it ran.
+        """
         removed = 0
-        for entry in _scandir(self.tmp_dir):
-            pid_text = entry.name.split("-", 1)[0]
-            if pid_text.isdigit() and _pid_alive(int(pid_text)):
-                continue
-            _rmtree(Path(entry.path)) if entry.is_dir(follow_symlinks=False) else _unlink(entry)
-            removed += 1
+        for directory in self.staging_dirs():
+            if not _is_real_dir(directory):
+                continue  # a planted symlink is not scanned (it is refused at open)
+            for entry in _scandir(directory):
+                owner = entry.name.split(".", 1)[0]
+                if ProcessOwners.is_alive(self.owners_dir, owner):
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    _rmtree(Path(entry.path))
+                else:
+                    _unlink(entry)
+                removed += 1
+        for token in _scandir(self.owners_dir):
+            remove_if_unheld(Path(token.path))
         return removed
 
     def free_bytes(self) -> int:
@@ -323,12 +456,34 @@ class Store:
 
     def translate_write_error(self, exc: OSError, wanted: int) -> Exception:
         """Turn a disk-full error into a CacheFullError that says what to do."""
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return CacheFullError(
-                f"the disk holding the cache {self.root} is full (needed {wanted} more bytes); "
-                "free space, lower max_size, or move cache_dir; the cache itself is consistent"
-            )
-        return exc
+        return self.disk_full_error(exc, self.root, wanted)
+
+    def disk_full_error(self, exc: OSError, path: Path, wanted: int = 0) -> OSError:
+        """``exc`` as a CacheFullError naming ``path`` when it is ENOSPC/EDQUOT (bytes or
+        inodes), else ``exc`` itself."""
+        if exc.errno not in _DISK_FULL:
+            return exc
+        needed = f", needed {wanted} more bytes" if wanted else ""
+        full = CacheFullError(
+            f"the disk holding the cache {self.root} is full (no bytes or inodes left for "
+            f"{path}{needed}); free space or inodes on it, lower max_size, or move cache_dir; "
+            "the cache itself is consistent"
+        )
+        full.errno = exc.errno
+        return full
+
+    @contextlib.contextmanager
+    def room_for(self, path: Path, wanted: int = 0) -> Iterator[None]:
+        """Raise a disk-full error inside the block as a CacheFullError naming ``path``."""
+        try:
+            yield
+        except CacheFullError:
+            raise
+        except OSError as exc:
+            full = self.disk_full_error(exc, path, wanted)
+            if full is exc:
+                raise
+            raise full from exc
 
 
 def _make_subdirs_read_only(top: Path) -> None:
@@ -382,23 +537,47 @@ def _rmtree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _pid_alive(pid: int) -> bool:
+def same_mount(a: Path, b: Path) -> bool:
+    """True if ``a`` and ``b`` are on one mount, so a rename or link between them works.
+
+    Bind mounts of one filesystem share a device number but still refuse
+    renames across them (EXDEV), so the mount table decides, not ``st_dev``.
+    """
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    # A killed process stays a zombie until its parent (often init, after Triton
-    # died) reaps it; kill(0) still succeeds then, but it will never finish a file.
-    return not _is_zombie(pid)
+        if os.stat(a).st_dev != os.stat(b).st_dev:
+            return False
+    except FileNotFoundError:
+        return True  # nothing there yet: it will be created beside its parent
+    mounts = _mount_table()
+    return mounts is None or _mount_of(a, mounts) == _mount_of(b, mounts)
 
 
-def _is_zombie(pid: int) -> bool:
+def _mount_table() -> list[tuple[str, str]] | None:
+    """(mount id, mount point) of every mount of this process, in mount order."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            raw = handle.read().decode(errors="replace")
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as handle:
+            lines = handle.read().splitlines()
     except OSError:
-        return False
-    fields = raw.rsplit(")", 1)[-1].split()
-    return bool(fields) and fields[0] in ("Z", "X")
+        return None  # not Linux, or no /proc: device numbers are all we have
+    table = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 4:
+            table.append((fields[0], _unescape_mount_path(fields[4])))
+    return table
+
+
+def _mount_of(path: Path, mounts: list[tuple[str, str]]) -> str:
+    real = os.path.realpath(path)
+    best, best_len = "", -1
+    for mount_id, point in mounts:
+        prefix = point.rstrip("/") + "/"
+        # The longest covering mount point wins; of equal ones the last (the one on top).
+        if (real == point or real.startswith(prefix)) and len(point) >= best_len:
+            best, best_len = mount_id, len(point)
+    return best
+
+
+def _unescape_mount_path(text: str) -> str:
+    # mountinfo writes space, tab, newline and backslash in paths as octal escapes.
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)

@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import os
 import re
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from cacheagent.errors import InvalidLocationError
-from cacheagent.remote.clients import filesystem
+from cacheagent.remote.clients import filesystem, proxy_for
 from cacheagent.remote.credentials import credentials_from_file
+from cacheagent.settings import DEFAULT_TIMEOUT
 
 if TYPE_CHECKING:
     import fsspec
@@ -44,6 +46,18 @@ _AS_RE = re.compile(r"^as://([0-9a-zA-Z-]+)/([0-9a-z-]{3,63})((?:/[^/\\\x00]+)*)
 _SCHEME_RE = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 
 
+@dataclass
+class Route:
+    """Which client serves a location: the fast S3 client until it cannot, then the SDK.
+
+    A listing or read the fast client cannot do (a region it signs wrongly, a
+    redirect, an answer it does not understand) moves the location to the SDK
+    for good, so its reads are signed the way its listing was.
+    """
+
+    sdk: bool = False
+
+
 @dataclass(frozen=True)
 class Location:
     """A parsed repository location: which store, which directory, and how to reach it."""
@@ -52,21 +66,29 @@ class Location:
     url: str  # as the user wrote it, normalized without a trailing slash; holds no secret
     root: str  # the directory as an fsspec path, without protocol
     storage_options: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
+    route: Route = field(repr=False, compare=False, default_factory=Route)
 
     @property
     def is_remote(self) -> bool:
         """True for cloud storage, False for a local directory."""
         return self.scheme != "file"
 
-    def filesystem(self) -> fsspec.AbstractFileSystem:
-        """Return the fsspec filesystem for this location (instances are cached by fsspec)."""
-        return filesystem(self.scheme, self.storage_options)
+    def filesystem(self, timeout: float = DEFAULT_TIMEOUT) -> fsspec.AbstractFileSystem:
+        """The fsspec filesystem for this location, its SDK timeouts set from ``timeout``.
+
+        Instances are cached by fsspec (one per location options and timeout).
+        """
+        return filesystem(self.scheme, self.storage_options, timeout)
 
     def child(self, relpath: str) -> Location:
         """Return the location of ``relpath`` below this one (same store, same credentials)."""
         rel = relpath.strip("/")
         return Location(
-            self.scheme, f"{self.url}/{rel}", f"{self.root}/{rel}", dict(self.storage_options)
+            self.scheme,
+            f"{self.url}/{rel}",
+            f"{self.root}/{rel}",
+            dict(self.storage_options),
+            Route(self.route.sdk),
         )
 
 
@@ -128,14 +150,8 @@ def _s3_options(url: str, endpoint: str | None, env: Mapping[str, str]) -> dict[
         token = env.get("AWS_SESSION_TOKEN")
         region = env.get("AWS_DEFAULT_REGION") or env.get("AWS_REGION")
         profile = env.get("AWS_PROFILE")
-    options: dict[str, Any] = {
-        # Fail fast on a dead endpoint; our own retry loop adds bounded backoff on top.
-        "config_kwargs": {
-            "connect_timeout": 10,
-            "read_timeout": 60,
-            "retries": {"max_attempts": 2, "mode": "standard"},
-        },
-    }
+    # Timeouts and retries are not set here: they follow each call's deadline (clients.py).
+    options: dict[str, Any] = {}
     client_kwargs: dict[str, Any] = {}
     if key and secret:
         options["key"], options["secret"] = key, secret
@@ -143,14 +159,30 @@ def _s3_options(url: str, endpoint: str | None, env: Mapping[str, str]) -> dict[
             options["token"] = token
     elif profile:
         options["profile"] = profile
+    endpoint = endpoint or _configured_s3_endpoint(env)
     if endpoint:
         client_kwargs["endpoint_url"] = endpoint
         client_kwargs["region_name"] = region or "us-east-1"
     elif region:
         client_kwargs["region_name"] = region
+    if env.get("AWS_CA_BUNDLE"):
+        client_kwargs["verify"] = env["AWS_CA_BUNDLE"]
     if client_kwargs:
         options["client_kwargs"] = client_kwargs
+    origin = endpoint or (f"https://s3.{region}.amazonaws.com" if region else None)
+    proxy = proxy_for(origin, env) if origin else None
+    if proxy:
+        # Given explicitly, so the environment this location was parsed with decides,
+        # for the SDK as for the fast client (botocore would read os.environ).
+        options["config_kwargs"] = {"proxies": {urllib.parse.urlsplit(origin).scheme: proxy}}
     return options
+
+
+def _configured_s3_endpoint(env: Mapping[str, str]) -> str | None:
+    """The endpoint the AWS SDKs take from the environment when the location names none."""
+    if env.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "").lower() == "true":
+        return None
+    return env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
 
 
 def _parse_gs(text: str, env: Mapping[str, str]) -> Location:

@@ -145,11 +145,6 @@ def manifest_from_records(
     return Manifest(source, files, tuple(empty_dirs))
 
 
-def manifest_records(manifest: Manifest) -> list[list[Any]]:
-    """The rows :func:`manifest_from_records` reads back."""
-    return [[f.path, f.size, f.fingerprint, f.content_md5] for f in manifest.files]
-
-
 def _is_directory_marker(name: str, info: Mapping[str, Any]) -> bool:
     metadata = info.get("metadata") or {}
     folder = isinstance(metadata, Mapping) and (

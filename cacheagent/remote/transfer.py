@@ -6,24 +6,33 @@ once, so many small files and one large file both keep the link full. A
 window of tokens bounds the parts held in memory: a token is taken before a
 part is requested and given back only once the part has been hashed, so
 memory stays below ``window * part_size`` whatever the file sizes.
+
+Each ranged read is one storage operation with its own ``timeout`` (retries
+included, see :mod:`cacheagent.remote.listing`). A server that ignores Range
+answers a ranged GET with the whole object: that one answer is then streamed
+into the blob a part's worth at a time, the file's other parts are not
+requested, and answers already in flight are dropped unread, so the object
+crosses the network about once instead of once per part.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from cacheagent.local.store import BlobWriter, Store
-from cacheagent.remote.listing import read_range
+from cacheagent.remote.listing import WholeObject, read_part
 from cacheagent.remote.location import Location
 from cacheagent.remote.manifest import FileEntry
+from cacheagent.settings import DEFAULT_TIMEOUT
 
-if TYPE_CHECKING:  # fsspec costs 70 ms to import; a hit never needs it
+if TYPE_CHECKING:  # a hit never needs a pool (see download)
     from concurrent.futures import Future
 
-    import fsspec
+_log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int], None]
 
@@ -38,10 +47,12 @@ WINDOW_BYTES = 256 * 1024 * 1024
 
 @dataclass(frozen=True)
 class FetchSettings:
-    """How hard to pull: parallel requests and the size of each ranged part."""
+    """How hard to pull: parallel requests, the size of each ranged part, and how long
+    one ranged read may take in all (seconds, retries included)."""
 
     concurrency: int = DEFAULT_CONCURRENCY
     part_size: int = DEFAULT_PART_SIZE
+    timeout: float = DEFAULT_TIMEOUT
 
     @property
     def window(self) -> int:
@@ -56,25 +67,45 @@ class FetchSettings:
 
 
 @dataclass
-class _Part:
+class _File:
+    """One file being downloaded: its blob, and which parts are already in it.
+
+    ``claimed`` holds the offsets of parts written (a part is claimed and written
+    under ``lock``, so every claimed part is in the blob). ``streaming`` is set
+    once a server answered a ranged GET with the whole object: that one answer
+    then fills the blob and the file's other parts are not requested.
+    """
+
     entry: FileEntry
     writer: BlobWriter
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    claimed: set[int] = field(default_factory=set)
+    streaming: bool = False
+
+
+@dataclass
+class _Part:
+    file: _File
     start: int
     end: int
 
 
 class _Download:
-    """One run of :func:`download`: shared state between the pool's threads."""
+    """One run of :func:`download`: shared state between the pool's threads.
+
+    Memory is bounded by tokens: a token is taken before a part is requested
+    and given back once the part is hashed. Chunks of a whole-object answer are
+    written in order, so each is hashed at once and holds no token of its own.
+    """
 
     def __init__(
         self,
-        fs: fsspec.AbstractFileSystem | None,
         location: Location,
         store: Store,
         settings: FetchSettings,
         progress: ProgressFn | None,
     ) -> None:
-        self.fs, self.location, self.store = fs, location, store
+        self.location, self.store = location, store
         self.settings, self.progress = settings, progress
         self.tokens = threading.Semaphore(settings.window)
         self.failed = threading.Event()
@@ -91,27 +122,75 @@ class _Download:
             if entry.size == 0:
                 self.finish(entry, writer)
                 continue
+            file = _File(entry, writer)
             for start in range(0, entry.size, part_size):
-                yield _Part(entry, writer, start, min(start + part_size, entry.size))
+                yield _Part(file, start, min(start + part_size, entry.size))
 
     def fetch_part(self, part: _Part) -> None:
-        if self.failed.is_set():
+        if self.failed.is_set() or part.file.streaming:
             self.tokens.release()
             return
+        entry = part.file.entry
         try:
-            data = read_range(self.fs, self.location, part.entry.path, part.start, part.end)
-            hashed, done = part.writer.write(part.start, data)
+            got = read_part(
+                self.location, entry.path, part.start, part.end, entry.size, self.settings.timeout
+            )
+            if isinstance(got, WholeObject):
+                self.stream(part.file, got)
+                return
+            self.store_part(part.file, part.start, got, holds_token=True)
         except BaseException:
             self.failed.set()
             self.tokens.release()
             raise
+
+    def store_part(self, file: _File, offset: int, data: bytes, *, holds_token: bool) -> None:
+        """Write one part unless it is already in the blob; free the tokens hashing frees."""
+        with file.lock:
+            if offset in file.claimed:
+                if holds_token:
+                    self.tokens.release()
+                return
+            file.claimed.add(offset)
+            hashed, done = file.writer.write(offset, data)
         # Parts still waiting to be hashed keep their token: that is the memory bound.
-        for _ in range(hashed):
+        # A chunk of a whole-object answer is hashed at once and never held a token.
+        for _ in range(hashed if holds_token else hashed - 1):
             self.tokens.release()
         if self.progress:
             self.progress(len(data))
         if done:
-            self.finish(part.entry, part.writer)
+            self.finish(file.entry, file.writer)
+
+    def stream(self, file: _File, whole: WholeObject) -> None:
+        """Fill ``file``'s blob from one whole-object answer, a part's worth at a time.
+
+        Runs on the part's thread and keeps its token until the end (the caller
+        releases it on failure). Parts that other threads already wrote are read
+        past; the stream stops as soon as the blob is complete.
+        """
+        entry, part_size = file.entry, self.settings.part_size
+        with file.lock:
+            already, file.streaming = file.streaming, True
+        if already:  # another thread streams this file: drop this answer unread
+            whole.close()
+            self.tokens.release()
+            return
+        try:
+            _log.warning(
+                "cacheagent: %s/%s was answered whole to a ranged GET (storage ignores Range): "
+                "streaming it from that one answer",
+                self.location.url,
+                entry.path,
+            )
+            for offset in range(0, entry.size, part_size):
+                if self.failed.is_set() or file.writer.complete:
+                    break
+                data = whole.read(min(part_size, entry.size - offset), self.settings.timeout)
+                self.store_part(file, offset, data, holds_token=False)
+        finally:
+            whole.close()
+        self.tokens.release()
 
     def finish(self, entry: FileEntry, writer: BlobWriter) -> None:
         digest = writer.commit()
@@ -127,7 +206,6 @@ class _Download:
 
 
 def download(
-    fs: fsspec.AbstractFileSystem | None,
     location: Location,
     entries: list[FileEntry],
     store: Store,
@@ -138,7 +216,7 @@ def download(
 
     On any failure every partial blob is removed and the first error is raised.
     """
-    run = _Download(fs, location, store, settings or FetchSettings(), progress)
+    run = _Download(location, store, settings or FetchSettings(), progress)
     # Largest first: the long transfers start early and small files fill the gaps.
     ordered = sorted(entries, key=lambda e: e.size, reverse=True)
     # Imported here: a worker answering hits never needs a pool (see actions.py).
@@ -150,6 +228,8 @@ def download(
     ) as pool:
         try:
             for part in run.parts(ordered):
+                if part.file.streaming:
+                    continue  # one whole-object answer is filling this file
                 while not run.tokens.acquire(timeout=0.2):
                     if run.failed.is_set():
                         break
@@ -158,7 +238,11 @@ def download(
                 futures.append(pool.submit(run.fetch_part, part))
             wait(futures, return_when=FIRST_EXCEPTION)
         except BaseException:
+            # E.g. creating a temp blob failed (disk out of inodes): let the parts in
+            # flight stop, then drop every partial blob, or their files and fds leak.
             run.failed.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+            run.abort()
             raise
         finally:
             if run.failed.is_set():

@@ -7,8 +7,10 @@ time.
 
 - LOAD of a cloud model (or of any model with a ``source`` parameter): fetch
   through the cache, lease the snapshot for this Triton process, and answer
-  with its directory. LOAD of a local model: leave it untouched.
-- LOAD_FAIL: release the lease.
+  with its directory and the lease's token file, which the shim holds too: the
+  lease lives while Triton serves the model, even if this worker crashes
+  (:mod:`cacheagent.local.leases`). LOAD of a local model: leave it untouched.
+- LOAD_FAIL: release the lease (by its id, so a restarted worker can too).
 - UNLOAD_COMPLETE: release the lease and run eviction. It also fires at every
   shutdown, so by default the snapshot stays cached for the next start.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,9 +28,11 @@ from typing import TYPE_CHECKING, Any
 from cacheagent.remote.listing import start_listing
 from cacheagent.remote.location import parse_location
 from cacheagent.sizes import format_size
-from cacheagent.triton.layout import policy_selector
+from cacheagent.triton.layout import version_selection
 from cacheagent.triton.params import AgentParams, parse_params
+from cacheagent.triton.startlisting import listed_at_start
 from cacheagent.triton.stubmark import remote_config_changed
+from cacheagent.triton.worker import LeasedPath
 
 if TYPE_CHECKING:
     from cacheagent.cache import Cache, Snapshot
@@ -36,7 +41,9 @@ if TYPE_CHECKING:
 LogFn = Callable[[str, str], None]
 
 # The worker is long-lived: reuse open caches (their SQLite handles) across actions.
+# A cache holds no per-model settings: each call passes its model's own.
 _CACHES: dict[Path, Cache] = {}
+_CACHES_LOCK = threading.Lock()
 
 
 def handle(request: dict[str, Any], log: LogFn) -> str | None:
@@ -65,23 +72,19 @@ def lease_id(request: dict[str, Any]) -> str:
     return f"triton-{request.get('server_pid', 0)}-{request.get('handle', '')}"
 
 
-def cache_for(params: AgentParams) -> Cache:
-    """The open cache for these parameters, reusing one per directory."""
+def cache_for(cache_dir: Path) -> Cache:
+    """The worker's open cache of ``cache_dir`` (one per directory, shared by threads)."""
     # The cache and its index (diskcache, SQLite) are imported on first use, not
     # with this module: a fresh worker's first LOAD starts its listing first, so
     # the storage round trip overlaps these imports (see _load).
     from cacheagent.cache import Cache
-    from cacheagent.remote.transfer import FetchSettings
 
-    cache = _CACHES.get(params.cache_dir)
-    if cache is None:
-        cache = Cache(params.cache_dir)
-        _CACHES[params.cache_dir] = cache
-    cache.max_size = params.max_size
-    cache.verify_mode = params.verify
-    cache.stale_if_error = params.stale_if_error
-    cache.fetch_settings = FetchSettings(params.concurrency, params.part_size)
-    return cache
+    with _CACHES_LOCK:
+        cache = _CACHES.get(cache_dir)
+        if cache is None:
+            cache = Cache(cache_dir)
+            _CACHES[cache_dir] = cache
+        return cache
 
 
 @functools.cache
@@ -99,9 +102,14 @@ def _load(request: dict[str, Any], params: AgentParams, model: str, log: LogFn) 
     started = time.monotonic()
     location = parse_location(params.source or str(request.get("location", "")))
     config = request.get("config") if isinstance(request.get("config"), dict) else None
-    select = policy_selector(config) if params.versions == "policy" else None
-    listed = start_listing(location, select)
-    cache = cache_for(params)
+    select, selection = version_selection(config, params.versions)
+    # Under 'cacheagent run' this start's one listing of the repository validates the model.
+    listed = listed_at_start(location, select)
+    if listed is None:
+        listed = start_listing(location, select, params.settings.timeout)
+    else:
+        log("VERBOSE", f"cacheagent: model '{model}': validated by this start's listing")
+    cache = cache_for(params.cache_dir)
     from cacheagent.cache import LeaseSpec  # already imported by cache_for
 
     pid = int(request.get("server_pid") or os.getppid())
@@ -112,15 +120,19 @@ def _load(request: dict[str, Any], params: AgentParams, model: str, log: LogFn) 
         lease=LeaseSpec(lease_id(request), pid, model),
         listed=listed,
         started=started,
+        settings=params.settings,
+        selection=selection,
     )
-    log("INFO", load_line(model, snapshot))
+    log("INFO", load_line(model, snapshot, tiered=bool(params.settings.shared_cache)))
     if snapshot.warning:
         log("WARN", f"cacheagent: model '{model}': {snapshot.warning}")
     if params.source and request.get("artifact_type") == "FILESYSTEM":
         _warn_if_stub_outdated(str(request.get("location", "")), snapshot, model, log)
     if params.prefetch:
         prefetcher().after_load(str(request.get("location", "")), model)
-    return str(snapshot.path)
+    # The shim holds the lease token too, so the lease outlives this worker.
+    token = cache.lease_token(lease_id(request))
+    return LeasedPath(str(snapshot.path), str(token)) if token else str(snapshot.path)
 
 
 def _warn_if_stub_outdated(stub_dir: str, snapshot: Snapshot, model: str, log: LogFn) -> None:
@@ -133,28 +145,40 @@ def _warn_if_stub_outdated(stub_dir: str, snapshot: Snapshot, model: str, log: L
         log("WARN", f"cacheagent: model '{model}': {warning}")
 
 
-def load_line(model: str, snapshot: Snapshot) -> str:
-    """The one log line per LOAD: model, outcome, bytes fetched, seconds."""
+def load_line(model: str, snapshot: Snapshot, *, tiered: bool = False) -> str:
+    """The one log line per LOAD: model, outcome, bytes fetched, seconds.
+
+    With a shared tier (``tiered``) it also says how many of the bytes came from
+    the tier and how many from the origin.
+    """
     outcome = "STALE" if snapshot.stale else "HIT" if snapshot.hit else "MISS"
+    sources = (
+        f"tier {format_size(snapshot.bytes_from_tier)}, "
+        f"origin {format_size(snapshot.bytes_from_origin)}; "
+        if tiered
+        else ""
+    )
     return (
         f"cacheagent: model '{model}' {outcome}: {format_size(snapshot.bytes_fetched)} fetched "
-        f"({snapshot.files_fetched} of {snapshot.files} files, {format_size(snapshot.size)} total) "
+        f"({sources}{snapshot.files_fetched} of {snapshot.files} files, "
+        f"{format_size(snapshot.size)} total) "
         f"in {snapshot.seconds:.3f} s from {snapshot.source} -> {snapshot.path}"
     )
 
 
 def _release(request: dict[str, Any], params: AgentParams, log: LogFn, *, evict: bool) -> None:
-    cache = cache_for(params)
+    cache = cache_for(params.cache_dir)
     released = cache.release(lease_id(request))
     if not evict:
         return
     if released is not None and params.on_unload == "evict":
         cache.remove(released.key)
-    report = cache.evict()
+    budget = cache.budget(params.settings)
+    report = cache.evict(budget)
     if report.evicted:
         log(
             "INFO",
             f"cacheagent: evicted {len(report.evicted)} snapshot(s), freed "
             f"{format_size(report.freed_bytes)}; cache now {format_size(report.size_after)}"
-            + (f" of {format_size(params.max_size)}" if params.max_size else ""),
+            + (f" of {format_size(budget)}" if budget is not None else ""),
         )

@@ -1,9 +1,12 @@
 """``cacheagent check``: lint a Triton model repository, local or in the cloud.
 
-One recursive listing gives the layout; only the small configuration files
+One recursive listing gives the layout (the listing the fetch uses:
+:func:`cacheagent.remote.listing.list_tree`); only the small configuration files
 (``config.pbtxt`` and ``configs/*.pbtxt``) are read, never model weights. The
-rules are Triton's own (its repository layout, its version directory parsing,
-its backends' default model file names) plus the cacheagent parameters.
+rules are Triton's own: its schema for the configs (read with
+:mod:`cacheagent.triton.config`), its repository layout and version directories
+(:mod:`cacheagent.triton.layout`), its backends' default model file names, plus
+the cacheagent parameters.
 
 Each finding says what is wrong and what to do. Errors are what makes Triton
 refuse or misload a model; warnings are what Triton silently ignores; notes
@@ -12,7 +15,6 @@ refuse or misload a model; warnings are what Triton silently ignores; notes
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,43 +27,28 @@ from cacheagent.errors import (
     RemoteNotFoundError,
     UnsafePathError,
 )
-from cacheagent.remote.listing import with_retries
+from cacheagent.remote.listing import is_directory_entry, list_tree, read_file
 from cacheagent.remote.location import Location, parse_location
 from cacheagent.remote.manifest import validate_relpath
 from cacheagent.sizes import format_size
-from cacheagent.triton.layout import selected_versions
+from cacheagent.triton.config import (
+    AGENT_NAME,
+    CONFIG_FILE,
+    ConfigError,
+    cacheagent_entries,
+    parse_config,
+    policy_json,
+)
+from cacheagent.triton.layout import classify, policy_choice, selected_versions
 from cacheagent.triton.params import parse_params
-from cacheagent.triton.pbtxt import Identifier, Message, PbtxtError, parse
 
 SEVERITIES = ("error", "warning", "info")
-AGENT_NAME = "cacheagent"
-CONFIG = "config.pbtxt"
+CONFIG = CONFIG_FILE
 CONFIGS_DIR = "configs"
-# Directories Triton skips without a word when it looks for version directories.
-SPECIAL_DIRS = frozenset({CONFIGS_DIR, "warmup", "initial_state"})
 # A config bigger than this is no config; reading it would be reading weights.
 MAX_CONFIG_BYTES = 8 * 1024 * 1024
 READ_CONCURRENCY = 8
-_INT64_MAX = 2**63 - 1
-_STOLL_PREFIX = re.compile(r"^[ \t\n\v\f\r]*([+-]?[0-9]+)")
 
-# Top-level fields of Triton's ModelConfig message. Triton's parser refuses a
-# field it does not know; a newer Triton may know more, hence only a warning.
-MODEL_CONFIG_FIELDS = frozenset(
-    """
-    name platform backend runtime version_policy max_batch_size input output batch_input
-    batch_output optimization dynamic_batching sequence_batching ensemble_scheduling
-    instance_group default_model_filename cc_model_filenames metric_tags parameters
-    model_warmup model_operations model_transaction_policy model_repository_agents
-    response_cache model_metrics
-    """.split()  # noqa: SIM905 - a word list reads better than one name per line
-)
-REPEATED_FIELDS = frozenset(
-    """
-    input output batch_input batch_output instance_group cc_model_filenames metric_tags
-    parameters model_warmup
-    """.split()  # noqa: SIM905 - a word list reads better than one name per line
-)
 PLATFORM_BACKENDS = {
     "tensorrt_plan": "tensorrt",
     "onnxruntime_onnx": "onnxruntime",
@@ -198,18 +185,7 @@ def check_repository(location: str, env: Mapping[str, str] | None = None) -> Che
     Everything else is a finding in the returned report.
     """
     loc = parse_location(location, env)
-    fs = loc.filesystem()
-
-    def listing() -> dict[str, dict[str, Any]]:
-        if loc.is_remote:
-            # A check must see storage as it is now, not fsspec's memory of it.
-            fs.invalidate_cache()
-        # Locally, empty directories (an ensemble's version directory) exist and
-        # must be listed. Object stores have none, and listing inferred
-        # directories there would hide an object "a" that sits beside "a/b".
-        return fs.find(loc.root, detail=True, withdirs=not loc.is_remote)
-
-    found = with_retries(listing, loc, "list")
+    found = list_tree(loc)
     findings = _Findings()
     files, dirs = _tree(loc, found, findings)
     if not files and not dirs:
@@ -234,7 +210,7 @@ def check_repository(location: str, env: Mapping[str, str] | None = None) -> Che
                 )
             else:
                 to_read.append(model.prefix + rel)
-    texts = _read_all(loc, fs, to_read)
+    texts = _read_all(loc, to_read)
     report.files_read = sorted(to_read)
 
     if layout == "repository" and not models:
@@ -260,7 +236,7 @@ def _tree(
     files: dict[str, int] = {}
     dirs: set[str] = set()
     for name, info in found.items():
-        is_dir = name.endswith("/") or info.get("type") == "directory"
+        is_dir = is_directory_entry(name, info)
         if name.rstrip("/") == root:
             if not is_dir:
                 raise InvalidLocationError(
@@ -351,12 +327,12 @@ def _config_paths(model: _Model) -> list[str]:
     return paths
 
 
-def _read_all(loc: Location, fs: Any, relpaths: list[str]) -> dict[str, bytes | CacheAgentError]:
+def _read_all(loc: Location, relpaths: list[str]) -> dict[str, bytes | CacheAgentError]:
     """Read the small config files, a few at a time; a vanished file is a result, not a failure."""
 
     def read(rel: str) -> bytes | CacheAgentError:
         try:
-            return bytes(with_retries(lambda: fs.cat_file(f"{loc.root}/{rel}"), loc, f"read {rel}"))
+            return bytes(read_file(loc, rel))
         except RemoteNotFoundError as exc:
             return exc
 
@@ -377,7 +353,7 @@ def _check_model(
     env: Mapping[str, str] | None,
     findings: _Findings,
 ) -> None:
-    versions = _versions(model, findings)
+    versions = _versions_and_skips(model, findings)
     if not versions:
         findings.add(
             "error",
@@ -402,63 +378,66 @@ def _check_model(
             _check_config(model, rel, config, versions, loc, env, findings, check_files=check_files)
 
 
-def _versions(model: _Model, findings: _Findings) -> dict[int, str]:
-    """The version directories Triton will see, with a warning for each one it skips."""
+def _versions_and_skips(model: _Model, findings: _Findings) -> dict[int, str]:
+    """The version directories Triton loads (layout.classify), a finding for each it skips."""
     versions: dict[int, str] = {}
     for top in sorted(model.top_dirs()):
-        path = model.prefix + top
-        if top in SPECIAL_DIRS:
-            continue
-        if len(top) > 1 and top.startswith("0"):
-            findings.add(
-                "warning",
-                model.name,
-                path,
-                f"Triton ignores directory '{top}': a version directory name may not start with "
-                f"a zero; rename it to '{top.lstrip('0') or '0'}' if it is a version"
-                if top.isdigit()
-                else f"Triton ignores directory '{top}': it starts with a zero and is no version "
-                "number; move it out of the model directory",
-            )
-            continue
-        if top.isascii() and top.isdigit():
-            number = int(top)
-            if number > _INT64_MAX:
-                findings.add(
-                    "error",
-                    model.name,
-                    path,
-                    f"version directory '{top}' is larger than a 64-bit integer, which Triton "
-                    "cannot parse; use a smaller version number",
-                )
-                continue
-            versions[number] = top
-            continue
-        prefix = _STOLL_PREFIX.match(top)
-        if prefix:
-            findings.add(
-                "warning",
-                model.name,
-                path,
-                f"Triton reads directory '{top}' as version {int(prefix.group(1))} (it parses "
-                "the leading digits) but loads that version from a directory named "
-                f"'{int(prefix.group(1))}'; rename or remove '{top}'",
-            )
-            continue
-        findings.add(
-            "warning",
-            model.name,
-            path,
-            f"Triton ignores directory '{top}': it is no version number, and only "
-            "configs/, warmup/ and initial_state/ may sit beside the version directories; "
-            "move it into a version directory or remove it",
-        )
+        found = classify(top)
+        if found.kind == "version":
+            assert found.number is not None
+            versions[found.number] = top
+        elif found.kind != "special":
+            severity, message = _SKIPPED_DIR[found.kind](top, found.number)
+            findings.add(severity, model.name, model.prefix + top, message)
     return versions
+
+
+def _leading_zero(top: str, _: int | None) -> tuple[str, str]:
+    if top.isdigit():
+        return "warning", (
+            f"Triton ignores directory '{top}': a version directory name may not start with "
+            f"a zero; rename it to '{top.lstrip('0') or '0'}' if it is a version"
+        )
+    return "warning", (
+        f"Triton ignores directory '{top}': it starts with a zero and is no version "
+        "number; move it out of the model directory"
+    )
+
+
+def _too_large(top: str, _: int | None) -> tuple[str, str]:
+    return "error", (
+        f"version directory '{top}' is larger than a 64-bit integer, which Triton "
+        "cannot parse; use a smaller version number"
+    )
+
+
+def _misread(top: str, number: int | None) -> tuple[str, str]:
+    return "warning", (
+        f"Triton reads directory '{top}' as version {number} (it parses the leading digits) "
+        f"but loads that version from a directory named '{number}'; rename or remove '{top}'"
+    )
+
+
+def _other(top: str, _: int | None) -> tuple[str, str]:
+    return "warning", (
+        f"Triton ignores directory '{top}': it is no version number, and only "
+        "configs/, warmup/ and initial_state/ may sit beside the version directories; "
+        "move it into a version directory or remove it"
+    )
+
+
+_SKIPPED_DIR = {
+    "leading_zero": _leading_zero,
+    "too_large": _too_large,
+    "misread": _misread,
+    "other": _other,
+}
 
 
 def _load_config(
     model: _Model, rel: str, texts: Mapping[str, bytes | CacheAgentError], findings: _Findings
-) -> Message | None:
+) -> Any | None:
+    """The parsed config at ``rel`` (a ModelConfig), or None with an error finding."""
     path = model.prefix + rel
     data = texts.get(path)
     if data is None:  # too large: reported when it was skipped
@@ -472,14 +451,13 @@ def _load_config(
         )
         return None
     try:
-        return parse(data)
-    except PbtxtError as exc:
+        return parse_config(data)
+    except ConfigError as exc:
         findings.add(
             "error",
             model.name,
             path,
-            f"{rel} is not valid protobuf text format: {exc}; Triton refuses a model whose "
-            "configuration it cannot parse, fix the syntax",
+            f"{rel} is not a configuration Triton can load: {exc}",
         )
         return None
 
@@ -511,7 +489,7 @@ def _note_missing_config(model: _Model, versions: Mapping[int, str], findings: _
 def _check_config(
     model: _Model,
     rel: str,
-    config: Message,
+    config: Any,
     versions: Mapping[int, str],
     loc: Location,
     env: Mapping[str, str] | None,
@@ -524,77 +502,49 @@ def _check_config(
     def add(severity: str, message: str, where: str = path) -> None:
         findings.add(severity, model.name, where, message)
 
-    for name in config.names():
-        lines = config.lines_of(name)
-        if name not in MODEL_CONFIG_FIELDS:
-            add(
-                "warning",
-                f"line {lines[0]}: '{name}' is no field of Triton's model configuration; "
-                "Triton refuses fields it does not know, check the spelling",
-            )
-        elif name not in REPEATED_FIELDS and len(lines) > 1:
-            add(
-                "error",
-                f"'{name}' is set {len(lines)} times (lines "
-                f"{', '.join(map(str, lines))}); Triton refuses a config that sets a single-valued "
-                "field more than once, keep one",
-            )
-
-    declared = config.first("name")
-    if declared is not None and not _is_string(declared):
-        add("error", f'name must be a quoted string, e.g. name: "{model.name}"')
-    elif declared not in (None, "", model.name):
+    if config.name not in ("", model.name):
         add(
             "error",
-            f"the config names the model '{declared}' but its directory is '{model.name}'; Triton "
-            f'refuses the model, set name: "{model.name}" or rename the directory',
+            f"the config names the model '{config.name}' but its directory is '{model.name}'; "
+            f'Triton refuses the model, set name: "{model.name}" or rename the directory',
         )
 
-    backend = _backend(config, rel, add)
-    policy = _policy(config, rel, add)
+    backend = _backend(config, add)
+    policy = _policy(config, add)
     selected = _selected(policy, versions, rel, model, add)
     if check_files and backend is not None:
-        expects = _expectations(config, backend, rel, add)
+        expects = _expectations(config, backend, add)
         if expects is not None:
             for version in sorted(selected):
                 _check_version_files(model, rel, versions[version], expects, backend, findings)
-    _check_agent(model, rel, config, loc, env, add)
+    _check_agent(model, config, loc, env, add)
 
 
-def _is_string(value: object) -> bool:
-    return isinstance(value, str) and not isinstance(value, Identifier)
-
-
-def _backend(config: Message, rel: str, add: Any) -> str | None:
+def _backend(config: Any, add: Any) -> str | None:
     """The backend key of _DEFAULT_FILES this config selects, or None (with a note)."""
-    backend = config.first("backend")
-    platform = config.first("platform")
-    for key, value in (("backend", backend), ("platform", platform)):
-        if value is not None and not _is_string(value):
-            add("error", f'{key} must be a quoted string, e.g. {key}: "python"')
-            return None
-    if backend in (None, "") and platform in (None, ""):
+    backend, platform = config.backend, config.platform
+    if not backend and not platform:
         add(
             "info",
             "the config names neither backend nor platform: Triton has to guess them from "
             "the model file names (auto-complete); name the backend explicitly",
         )
         return None
-    if platform not in (None, "") and platform not in PLATFORM_BACKENDS:
+    if platform and platform not in PLATFORM_BACKENDS:
         add(
             "info",
             f"platform '{platform}' is not one this check knows; its model files were not checked",
         )
         return None
-    implied = PLATFORM_BACKENDS.get(str(platform)) if platform else None
-    if backend not in (None, "") and implied is not None and backend != implied:
+    implied = PLATFORM_BACKENDS.get(platform) if platform else None
+    if backend and implied is not None and backend != implied:
         add(
             "warning",
             f"backend '{backend}' and platform '{platform}' disagree; set only one of them",
         )
     if platform in ("tensorflow_graphdef", "tensorflow_savedmodel"):
         return str(platform)
-    name = str(backend) if backend not in (None, "") else str(implied)
+    name = str(backend or implied)
     if name not in _DEFAULT_FILES:
         add(
             "info",
@@ -604,57 +554,17 @@ def _backend(config: Message, rel: str, add: Any) -> str | None:
     return name
 
 
-def _policy(config: Message, rel: str, add: Any) -> dict[str, Any] | None:
-    """The version_policy as the JSON shape versions.selected_versions reads."""
-    value = config.first("version_policy")
-    if value is None:
-        return None
-    if not isinstance(value, Message):
+def _policy(config: Any, add: Any) -> dict[str, Any] | None:
+    """The version_policy in Triton's JSON shape (what layout.selected_versions reads)."""
+    policy = policy_json(config)
+    choice, count = policy_choice(policy)
+    if choice == "latest" and count == 0:
         add(
             "error",
-            "version_policy must be a message such as "
-            "version_policy: { latest: { num_versions: 1 } }",
+            "version_policy latest sets no num_versions (or 0), so Triton loads no version "
+            "and refuses the model; set num_versions: 1 or more",
         )
-        return None
-    choices = [n for n in value.names() if n in ("latest", "all", "specific")]
-    for other in value.names():
-        if other not in ("latest", "all", "specific"):
-            add(
-                "warning",
-                f"version_policy has no field '{other}' (use latest, all or specific)",
-            )
-    if len(choices) > 1:
-        add(
-            "error",
-            f"version_policy sets {' and '.join(choices)}, but only one may be chosen; "
-            "Triton refuses the config, keep one",
-        )
-        return None
-    if not choices:
-        return None
-    choice = value.message(choices[0])
-    if choice is None:
-        add(
-            "error",
-            f"version_policy {choices[0]} must be a message, e.g. {choices[0]} {{ }}",
-        )
-        return None
-    if choices[0] == "all":
-        return {"all": {}}
-    if choices[0] == "latest":
-        count = choice.first("num_versions", 1)
-        if not isinstance(count, int) or count < 1:
-            add(
-                "error",
-                f"version_policy latest num_versions must be a positive integer, not {count!r}",
-            )
-            return None
-        return {"latest": {"num_versions": count}}
-    numbers = choice.all("versions")
-    if not all(isinstance(v, int) for v in numbers):
-        add("error", "version_policy specific versions must be integers, e.g. [1, 3]")
-        return None
-    return {"specific": {"versions": numbers}}
+    return policy
 
 
 def _selected(
@@ -682,30 +592,23 @@ def _selected(
     return selected
 
 
-def _file_signature(config: Message | None) -> tuple[object, ...] | None:
+def _file_signature(config: Any | None) -> tuple[object, ...] | None:
     """What decides which model files a config expects; equal signatures expect the same."""
     if config is None:
         return None
-    return tuple(
-        repr(config.all(name))
-        for name in (
-            "backend",
-            "platform",
-            "default_model_filename",
-            "cc_model_filenames",
-            "version_policy",
-        )
+    return (
+        config.backend,
+        config.platform,
+        config.default_model_filename,
+        tuple(sorted(config.cc_model_filenames.items())),
+        repr(policy_json(config)),
     )
 
 
-def _expectations(config: Message, backend: str, rel: str, add: Any) -> list[_Expect] | None:
+def _expectations(config: Any, backend: str, add: Any) -> list[_Expect] | None:
     expects = list(_DEFAULT_FILES[backend])
-    override = config.first("default_model_filename")
-    if override is not None and not _is_string(override):
-        add("error", "default_model_filename must be a quoted string")
-        return None
-    if override:
-        name = str(override)
+    name = config.default_model_filename
+    if name:
         if "/" in name or name in (".", ".."):
             add(
                 "error",
@@ -716,10 +619,7 @@ def _expectations(config: Message, backend: str, rel: str, add: Any) -> list[_Ex
         expects = [_Expect((name,), "any", "the model file set by default_model_filename")]
         if backend == "openvino" and name.endswith(".xml"):
             expects.append(_Expect((name[:-4] + ".bin",), "file", "the OpenVINO weights"))
-    alternatives = []
-    for entry in config.all("cc_model_filenames"):
-        if isinstance(entry, Message) and _is_string(entry.first("value")):
-            alternatives.append(str(entry.first("value")))
+    alternatives = [value for _, value in sorted(config.cc_model_filenames.items()) if value]
     if alternatives and expects:
         # Per-GPU file names replace the first (main) model file on matching GPUs.
         first = expects[0]
@@ -781,15 +681,12 @@ def _kind(model: _Model, rel: str) -> str | None:
 
 def _check_agent(
     model: _Model,
-    rel: str,
-    config: Message,
+    config: Any,
     loc: Location,
     env: Mapping[str, str] | None,
     add: Any,
 ) -> None:
-    section = config.message("model_repository_agents")
-    agents = [a for a in section.all("agents") if isinstance(a, Message)] if section else []
-    ours = [a for a in agents if a.first("name") == AGENT_NAME]
+    ours = cacheagent_entries(config)
     if not ours:
         if loc.is_remote:
             consequence = "Triton downloads the whole model directory again on every load"
@@ -799,7 +696,7 @@ def _check_agent(
         add(
             "info",
             f"the config does not enable cacheagent: {consequence}; to cache it, add "
-            'model_repository_agents { agents [ { name: "cacheagent" } ] }',
+            f'model_repository_agents {{ agents [ {{ name: "{AGENT_NAME}" }} ] }}',
         )
         return
     if len(ours) > 1:
@@ -809,30 +706,8 @@ def _check_agent(
             "entry, keep one",
         )
     for agent in ours:
-        if not _is_string(agent.first("name")):
-            add(
-                "error", 'the agent name must be quoted: name: "cacheagent"; Triton refuses it bare'
-            )
-            continue
-        raw: dict[str, str] = {}
-        bad = False
-        for entry in agent.all("parameters"):
-            key = entry.first("key") if isinstance(entry, Message) else None
-            value = entry.first("value", "") if isinstance(entry, Message) else None
-            if not _is_string(key) or not _is_string(value):
-                add(
-                    "error",
-                    f"each cacheagent parameter must be written "
-                    '{ key: "name", value: "text" } with both in quotes; Triton refuses '
-                    f"{_describe_param(entry)}",
-                )
-                bad = True
-                continue
-            raw[str(key)] = str(value)
-        if bad:
-            continue
         try:
-            params = parse_params(raw, model.name, env)
+            params = parse_params(dict(agent.parameters), model.name, env)
         except InvalidParameterError as exc:
             add("error", str(exc))
             continue
@@ -842,12 +717,6 @@ def _check_agent(
                 "cacheagent leaves a model served from a local path untouched (it "
                 "caches cloud locations, or the 'source' parameter's)",
             )
-
-
-def _describe_param(entry: object) -> str:
-    if not isinstance(entry, Message):
-        return f"the value {entry!r}"
-    return "{ " + ", ".join(f"{f.name}: {f.value!r}" for f in entry.fields) + " }"
 
 
 # --------------------------------------------------------------------------- output

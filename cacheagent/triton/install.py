@@ -20,15 +20,14 @@ later simply uses the new launcher.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 from cacheagent.errors import CacheAgentError
+from cacheagent.local.atomic import write_atomically
+from cacheagent.triton.config import AGENT_NAME
 
-AGENT_NAME = "cacheagent"
 LIBRARY_NAME = f"libtritonrepoagent_{AGENT_NAME}.so"
 LAUNCHER_NAME = "cacheagent-worker"
 
@@ -49,32 +48,45 @@ def shim_library() -> Path:
     return path
 
 
+# Exit status of a launcher whose Python is gone (the shell's "command not found").
+LAUNCHER_NO_PYTHON = 127
+
+# The launcher checks its Python before exec'ing it: a virtualenv that was moved,
+# rebuilt or deleted would otherwise fail with a bare "not found" from sh. The
+# message goes to stderr (Triton's console) and, as a LOG line on stdout, which the
+# shim forwards before the worker is ready, into Triton's log beside the failed LOAD.
+_LAUNCHER = """\
+#!/bin/sh
+# Started by libtritonrepoagent_cacheagent.so; written by `cacheagent install-triton`.
+recorded="{python}"
+python="${{CACHEAGENT_PYTHON:-$recorded}}"
+if [ ! -x "$python" ]; then
+    here=$(dirname "$0")
+    if [ -n "${{CACHEAGENT_PYTHON:-}}" ]; then
+        what="CACHEAGENT_PYTHON=$python"
+    else
+        what="the Python $python recorded by cacheagent install-triton"
+    fi
+    msg="cacheagent-worker: cannot start the worker: $what does not exist or is not \
+executable (was its virtualenv moved or deleted?); run 'cacheagent install-triton \
+--repoagent-dir $(dirname "$here")' again with the Python that has cacheagent \
+installed, or set CACHEAGENT_PYTHON to it"
+    echo "$msg" >&2
+    echo "LOG ERROR $msg"
+    exit {status}
+fi
+exec "$python" -I -m cacheagent.triton.worker "$@"
+"""
+
+
 def launcher_script(python: str) -> str:
-    """The launcher's text: run the worker with ``python`` unless CACHEAGENT_PYTHON is set."""
+    """The launcher's text: run the worker with ``python`` unless CACHEAGENT_PYTHON is set.
+
+    When that Python is gone, it says so and what to do, and exits 127.
+    """
     quoted = python.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$")
     quoted = quoted.replace("`", "\\`")
-    return (
-        "#!/bin/sh\n"
-        "# Started by libtritonrepoagent_cacheagent.so; written by `cacheagent install-triton`.\n"
-        f'exec "${{CACHEAGENT_PYTHON:-{quoted}}}" -I -m cacheagent.triton.worker "$@"\n'
-    )
-
-
-def _atomic_write(target: Path, data: bytes, mode: int) -> None:
-    """Create ``target`` with ``data`` through a temp file in the same dir and a rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fchmod(out.fileno(), mode)
-            os.fsync(out.fileno())
-        # Rename, never overwrite in place: a running Triton may have the old .so mapped.
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    return _LAUNCHER.format(python=quoted, status=LAUNCHER_NO_PYTHON)
 
 
 def install_triton(repoagent_dir: Path, python: str = sys.executable) -> Path:
@@ -104,8 +116,9 @@ def install_triton(repoagent_dir: Path, python: str = sys.executable) -> Path:
         )
     target = target_dir / LIBRARY_NAME
     try:
-        _atomic_write(target, library.read_bytes(), 0o755)
-        _atomic_write(target_dir / LAUNCHER_NAME, launcher_script(python).encode(), 0o755)
+        # Renamed into place, never overwritten: a running Triton may have the old .so mapped.
+        write_atomically(target, library.read_bytes(), mode=0o755)
+        write_atomically(target_dir / LAUNCHER_NAME, launcher_script(python), mode=0o755)
     except OSError as exc:
         raise InstallError(f"cannot install into {target_dir}: {exc}") from exc
     if os.path.realpath(python) == os.path.realpath(sys.executable):

@@ -8,40 +8,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from cacheagent.errors import InvalidLocationError, InvalidParameterError
 from cacheagent.remote.location import ACCEPTED_FORMS, parse_location
-from cacheagent.remote.transfer import DEFAULT_CONCURRENCY, DEFAULT_PART_SIZE
-from cacheagent.sizes import ACCEPTED_SIZE_FORMS, parse_size
+from cacheagent.settings import FIELDS, Settings, settings_from
 
-CACHE_DIR_ENV = "CACHEAGENT_CACHE_DIR"
-
-MIN_PART_SIZE = 1024 * 1024
-MAX_PART_SIZE = 1024**3
-MAX_CONCURRENCY = 64
-_BOOLS = {
-    "true": True,
-    "1": True,
-    "yes": True,
-    "on": True,
-    "false": False,
-    "0": False,
-    "no": False,
-    "off": False,
-}
-
-PARAMETERS: dict[str, str] = {
-    "cache_dir": "absolute path of the cache directory (default $CACHEAGENT_CACHE_DIR, "
-    "else ~/.cache/cacheagent)",
-    "max_size": f"cache budget: {ACCEPTED_SIZE_FORMS}, or 'none' (default none)",
-    "verify": "check of a cached snapshot on each load: size (default), hash, or none",
-    "stale_if_error": "serve the last good snapshot when storage is unreachable: "
-    "true (default) or false",
-    "concurrency": f"parallel requests while fetching: 1 to {MAX_CONCURRENCY} "
-    f"(default {DEFAULT_CONCURRENCY})",
-    "part_size": f"bytes per ranged request: 1MiB to 1GiB (default {DEFAULT_PART_SIZE >> 20}MiB)",
+# The parameters that exist only for Triton models, beside the Settings fields.
+_TRITON_ONLY: dict[str, str] = {
     "versions": "which version directories to fetch: policy (default: those the model's "
     "version_policy loads) or all",
     "on_unload": "what UNLOAD_COMPLETE does with the model's snapshot: keep (default; it "
@@ -50,32 +25,52 @@ PARAMETERS: dict[str, str] = {
     "background: true (default) or false",
     "source": f"fetch the model from this location instead of Triton's ({ACCEPTED_FORMS})",
 }
+_CHOICES = {"versions": ("policy", "all"), "on_unload": ("keep", "evict")}
+_BOOLS = {"true": True, "1": True, "yes": True, "on": True}
+_BOOLS |= {"false": False, "0": False, "no": False, "off": False}
+
+PARAMETERS: dict[str, str] = {name: field.doc for name, field in FIELDS.items()} | _TRITON_ONLY
 
 
 @dataclass(frozen=True)
 class AgentParams:
-    """Validated agent parameters, with defaults filled in."""
+    """Validated agent parameters: the cache :class:`Settings` plus Triton-only choices."""
 
-    cache_dir: Path
-    max_size: int | None = None
-    verify: str = "size"
-    stale_if_error: bool = True
-    concurrency: int = DEFAULT_CONCURRENCY
-    part_size: int = DEFAULT_PART_SIZE
+    settings: Settings
     versions: str = "policy"
     on_unload: str = "keep"
     prefetch: bool = True
     source: str | None = None
-    extra: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def cache_dir(self) -> Path:
+        """The cache directory these parameters name."""
+        return self.settings.cache_dir
 
-def default_cache_dir(env: Mapping[str, str] | None = None) -> Path:
-    """$CACHEAGENT_CACHE_DIR, else $XDG_CACHE_HOME/cacheagent, else ~/.cache/cacheagent."""
-    env = os.environ if env is None else env
-    if env.get(CACHE_DIR_ENV):
-        return Path(env[CACHE_DIR_ENV]).expanduser()
-    base = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "cacheagent"
+    @property
+    def max_size(self) -> int | None:
+        """The model's own budget (None: only the node's applies)."""
+        return self.settings.max_size
+
+    @property
+    def verify(self) -> str:
+        """The check of a cached snapshot on each load."""
+        return self.settings.verify
+
+    @property
+    def stale_if_error(self) -> bool:
+        """Whether an outage may be answered with the last good snapshot."""
+        return self.settings.stale_if_error
+
+    @property
+    def concurrency(self) -> int:
+        """The cap on parallel requests while fetching."""
+        return self.settings.concurrency
+
+    @property
+    def part_size(self) -> int:
+        """Bytes per ranged request."""
+        return self.settings.part_size
 
 
 def parse_params(
@@ -89,10 +84,17 @@ def parse_params(
             f"model '{model}': unknown cacheagent parameter '{unknown[0]}'; accepted parameters: "
             + "; ".join(f"{k} ({v})" for k, v in PARAMETERS.items())
         )
-    values: dict[str, object] = {"cache_dir": default_cache_dir(env)}
-    for key, text in raw.items():
-        values[key] = _parse_one(key, str(text).strip(), model, env)
-    return AgentParams(**values)  # type: ignore[arg-type]
+    settings = settings_from(
+        {k: str(v) for k, v in raw.items() if k in FIELDS},
+        env=env,
+        where=lambda name: f"model '{model}': cacheagent parameter '{name}'",
+    )
+    triton = {
+        key: _parse_triton_only(key, str(text).strip(), model, env)
+        for key, text in raw.items()
+        if key in _TRITON_ONLY
+    }
+    return AgentParams(settings, **triton)
 
 
 def _bad(model: str, key: str, text: str, why: str = "") -> InvalidParameterError:
@@ -103,46 +105,19 @@ def _bad(model: str, key: str, text: str, why: str = "") -> InvalidParameterErro
     )
 
 
-def _parse_one(key: str, text: str, model: str, env: Mapping[str, str]) -> object:
-    if key == "cache_dir":
-        try:
-            path = Path(text).expanduser()
-        except RuntimeError:  # "~user" naming no user
-            raise _bad(model, key, text, "'~' names no known user") from None
-        if not text or not path.is_absolute():
-            raise _bad(model, key, text, "it must be an absolute path")
-        return path
-    if key in ("max_size", "part_size"):
-        if key == "max_size" and text.lower() in ("none", "unlimited", ""):
-            return None
-        try:
-            size = parse_size(text, name=key)
-        except InvalidParameterError:
-            raise _bad(model, key, text) from None
-        if key == "part_size" and not MIN_PART_SIZE <= size <= MAX_PART_SIZE:
-            raise _bad(model, key, text, "out of range")
-        return size
-    if key == "concurrency":
-        if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_CONCURRENCY:
-            raise _bad(model, key, text)
-        return int(text)
-    if key in ("stale_if_error", "prefetch"):
+def _parse_triton_only(key: str, text: str, model: str, env: Mapping[str, str]) -> object:
+    if key == "prefetch":
         if text.lower() not in _BOOLS:
             raise _bad(model, key, text)
         return _BOOLS[text.lower()]
-    choices = {
-        "verify": ("size", "hash", "none"),
-        "versions": ("policy", "all"),
-        "on_unload": ("keep", "evict"),
-    }
-    if key in choices:
-        if text.lower() not in choices[key]:
+    if key in _CHOICES:
+        if text.lower() not in _CHOICES[key]:
             raise _bad(model, key, text)
         return text.lower()
     if key == "source":
         try:
             location = parse_location(text, env)
         except InvalidLocationError as exc:
-            raise _bad(model, key, text, str(exc).split(";")[0]) from None
+            raise _bad(model, key, text, str(exc).split(";")[0]) from exc
         return location.url
     raise AssertionError(f"parameter {key} has no parser")

@@ -12,48 +12,22 @@ snapshot lock for the download already under way instead of starting another.
 
 from __future__ import annotations
 
-import sys
+import logging
 import threading
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
 
 from cacheagent.cache import Cache
 from cacheagent.errors import CacheAgentError
 from cacheagent.remote.listing import list_model_names, read_file
 from cacheagent.remote.location import Location, parse_location
-from cacheagent.triton import pbtxt
-from cacheagent.triton.layout import policy_selector
-from cacheagent.triton.params import AgentParams, parse_params
+from cacheagent.triton.config import CONFIG_FILE, agent_parameters, config_json, parse_config
+from cacheagent.triton.layout import version_selection
+from cacheagent.triton.params import parse_params
+from cacheagent.triton.startlisting import claimed_at_start, listed_at_start
 
-AGENT_NAME = "cacheagent"
+_log = logging.getLogger(__name__)
 DEFAULT_PARALLEL_MODELS = 2
-
-
-def agent_parameters(config: pbtxt.Message) -> dict[str, str] | None:
-    """The cacheagent parameters of a parsed config.pbtxt, or None if it does not name it."""
-    agents_section = config.message("model_repository_agents")
-    if agents_section is None:
-        return None
-    for agent in agents_section.all("agents"):
-        if isinstance(agent, pbtxt.Message) and agent.first("name") == AGENT_NAME:
-            params: dict[str, str] = {}
-            for param in agent.all("parameters"):
-                if isinstance(param, pbtxt.Message):
-                    params[str(param.first("key", ""))] = str(param.first("value", ""))
-            return params
-    return None
-
-
-def config_json(config: pbtxt.Message) -> dict[str, Any]:
-    """The parts of a parsed config.pbtxt the agent uses, shaped like Triton's JSON config."""
-    out: dict[str, Any] = {}
-    name = config.first("name")
-    if isinstance(name, str):
-        out["name"] = name
-    policy = config.message("version_policy")
-    if policy is not None:
-        out["version_policy"] = policy.to_python()
-    return out
 
 
 class Prefetcher:
@@ -61,7 +35,7 @@ class Prefetcher:
 
     def __init__(
         self,
-        cache_for: Callable[[AgentParams], Cache],
+        cache_for: Callable[[Path], Cache],
         parallel_models: int = DEFAULT_PARALLEL_MODELS,
     ) -> None:
         self._cache_for = cache_for
@@ -117,10 +91,12 @@ class Prefetcher:
     def _fetch_sibling(self, repo: Location, name: str) -> None:
         model = repo.child(name)
         try:
-            text = read_file(model, "config.pbtxt", delays=())
+            text = read_file(model, CONFIG_FILE, delays=())
         except FileNotFoundError:
             return
-        config = pbtxt.parse(text)
+        # Triton's schema loads here, in the background, on the first sibling read:
+        # never on the LOAD that started the prefetch.
+        config = parse_config(text)
         raw = agent_parameters(config)
         if raw is None:
             return
@@ -129,9 +105,21 @@ class Prefetcher:
             return
         if params.source is None and not model.is_remote:
             return  # a local model without a source is served untouched
-        select = policy_selector(config_json(config)) if params.versions == "policy" else None
-        location = params.source or model.url
-        snapshot = self._cache_for(params).fetch(location, select=select, model=name)
+        select, selection = version_selection(config_json(config), params.versions)
+        location = parse_location(params.source or model.url)
+        if claimed_at_start(location):
+            return  # its own LOAD of this start came first and validated it
+        # This start's own listing (cacheagent run) validates the sibling without a
+        # request; it is left for the sibling's own LOAD (claim=False).
+        listed = listed_at_start(location, select, claim=False)
+        snapshot = self._cache_for(params.cache_dir).fetch(
+            location,
+            select=select,
+            model=name,
+            settings=params.settings,
+            selection=selection,
+            listed=listed,
+        )
         _note(
             f"prefetched model '{name}': {'hit' if snapshot.hit else 'miss'}, "
             f"{snapshot.bytes_fetched} bytes in {snapshot.seconds:.3f} s"
@@ -139,6 +127,6 @@ class Prefetcher:
 
 
 def _note(message: str) -> None:
-    # Background work runs while no request is in flight, when the shim does
-    # not read the worker's stdout: stderr lands in Triton's console instead.
-    print(f"cacheagent: {message}", file=sys.stderr, flush=True)
+    # Background work runs while no request is in flight; the worker's log handler
+    # then sends it to Triton's console (stderr), not to its log.
+    _log.info("%s", message)

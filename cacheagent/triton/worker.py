@@ -22,6 +22,10 @@ Worker -> shim, tagged text lines (no JSON, so the C side stays trivial)::
     READY <version>       once, when the worker can take requests
     HB                    every second while a request is being handled
     LOG <level> <text>    level is INFO, WARN, ERROR or VERBOSE; lands in Triton's log
+    LEASE <token path>    (LOAD only, just before its OK) the lease token of the
+                          snapshot: the shim holds it too (a shared flock, until the
+                          model's LOAD_FAIL, UNLOAD_COMPLETE or finalize), so the lease
+                          outlives a crashed worker
     OK <path>             done; an empty path leaves the model alone, a path on LOAD
                           makes Triton load the model from that local directory
     ERR <text>            failed; on LOAD the model fails with this message
@@ -51,6 +55,7 @@ Rules that keep the bridge robust:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
@@ -141,6 +146,37 @@ class Channel:
         print(f"cacheagent worker [{lvl}]: {text}", file=sys.stderr, flush=True)
 
 
+class BridgeLogHandler(logging.Handler):
+    """Send the package's ``logging`` records to Triton's log, levels mapped.
+
+    DEBUG becomes VERBOSE (shown with ``--log-verbose``), WARNING becomes WARN;
+    records from background threads, while no request is in flight, go to
+    Triton's console (see :meth:`Channel.log`).
+    """
+
+    def __init__(self, channel: Channel) -> None:
+        super().__init__()
+        self._channel = channel
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Write one record as a LOG line (or to stderr when idle)."""
+        try:
+            self._channel.log(record.levelname, f"cacheagent: {self.format(record)}")
+        except Exception:  # logging must never take an action down
+            self.handleError(record)
+
+
+def install_log_handler(channel: Channel, level: int = logging.INFO) -> logging.Handler:
+    """Route the ``cacheagent`` logger to the bridge; return the handler installed."""
+    handler = BridgeLogHandler(channel)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("cacheagent")
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+    return handler
+
+
 def _heartbeat_loop(channel: Channel) -> None:
     while True:
         time.sleep(HEARTBEAT_INTERVAL)
@@ -161,8 +197,28 @@ def _watchdog_loop(parent: int) -> None:
             os._exit(0)
 
 
+class LeasedPath(str):
+    """A LOAD answer: the directory Triton loads from, and the lease token of its snapshot.
+
+    A ``str``, so it is a path to every caller; :func:`respond` also sends the
+    token to the shim in a ``LEASE`` line.
+    """
+
+    lease_token: str
+
+    def __new__(cls, path: str, lease_token: str) -> LeasedPath:
+        """The answer ``path``, leased through the token file ``lease_token``."""
+        answer = super().__new__(cls, path)
+        answer.lease_token = lease_token
+        return answer
+
+
 def respond(request_line: bytes, handler: Handler, channel: Channel) -> str:
-    """Run one request line through ``handler`` and return its OK/ERR answer line."""
+    """Run one request line through ``handler`` and return its answer.
+
+    That is one OK/ERR line, preceded by a LEASE line when the handler returned
+    a :class:`LeasedPath` (the two are written together).
+    """
     try:
         request = json.loads(request_line.decode("utf-8", "surrogateescape"))
         if not isinstance(request, dict):
@@ -184,10 +240,13 @@ def respond(request_line: bytes, handler: Handler, channel: Channel) -> str:
         )
     if result is None:
         return "OK "
+    lease = str(getattr(result, "lease_token", ""))
     if isinstance(result, os.PathLike):
         result = os.fspath(result)
     if not isinstance(result, str) or "\n" in result or "\r" in result:
         return "ERR " + one_line(f"internal error: the action returned {result!r}, not a path")
+    if lease and "\n" not in lease and "\r" not in lease:
+        return f"LEASE {lease}\nOK {result}"
     return "OK " + result
 
 
@@ -207,10 +266,11 @@ def _take_stdio() -> tuple[int, int]:
 def serve(in_fd: int, out_fd: int, handler: Handler | None = None) -> int:
     """Answer requests from ``in_fd`` on ``out_fd`` until EOF; return the exit code."""
     if handler is None:
-        from cacheagent import actions  # imported before READY: a broken install fails fast
+        from cacheagent.triton import actions  # imported before READY: a broken install fails fast
 
         handler = actions.handle
     channel = Channel(out_fd)
+    install_log_handler(channel, _log_level(os.environ))
     channel.send(f"READY {__version__}")
     threading.Thread(target=_heartbeat_loop, args=(channel,), name="heartbeat", daemon=True).start()
     with open(in_fd, "rb") as requests:
@@ -220,6 +280,13 @@ def serve(in_fd: int, out_fd: int, handler: Handler | None = None) -> int:
             channel.begin()
             channel.finish(respond(line, handler, channel))
     return 0
+
+
+def _log_level(env: dict[str, str] | os._Environ[str]) -> int:
+    # CACHEAGENT_LOG_LEVEL=DEBUG shows fallbacks and retries in Triton's verbose log.
+    name = str(env.get("CACHEAGENT_LOG_LEVEL", "INFO")).upper()
+    level = logging.getLevelName(name)
+    return level if isinstance(level, int) else logging.INFO
 
 
 def main(handler: Handler | None = None) -> int:

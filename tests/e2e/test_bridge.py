@@ -499,45 +499,62 @@ def test_action_timeout_kills_busy_worker(
     assert_serving(server, "add", WEIGHTS)
 
 
-def test_concurrent_explicit_loads_are_serialized(
+def _load_with_held_load(
+    triton_factory: Factory, repo: Path, fake_agent: FakeAgent, env: dict[str, str]
+) -> tuple[TritonServer, threading.Thread, threading.Thread]:
+    """add's LOAD is done and its backend start waits for "add-go"; add2's LOAD is
+    then held by its gate (as a long download holds it). Returns once both wait."""
+    add_go = fake_agent.dir / "add-go"
+    (repo / "add" / "1" / "model.py").write_text(gated_model_py(add_go))
+    fake_agent.plan(**{"LOAD:add2": "gate:add2-go"})
+    server = triton_factory(repo, repoagent_dir=fake_agent.root, env=env)
+    threads = tuple(threading.Thread(target=server.load, args=(n,)) for n in ("add", "add2"))
+    threads[0].start()
+    fake_agent.wait_request("LOAD", "add")
+    threads[1].start()
+    fake_agent.wait_request("LOAD", "add2")
+    add_go.touch()  # add's backend is up: its LOAD_COMPLETE comes while add2's LOAD runs
+    return server, threads[0], threads[1]
+
+
+def test_concurrent_explicit_actions_never_wait_behind_another_models_action(
     triton_factory: Factory, repo: Path, fake_agent: FakeAgent
 ) -> None:
-    # Made deterministic with gates rather than sleeps: add's backend start waits
-    # for "add-go", add2's LOAD waits for "add2-go". add's LOAD_COMPLETE therefore
-    # reaches the shim exactly while add2's LOAD holds the worker.
-    add_go = fake_agent.dir / "add-go"
-    model_py = repo / "add" / "1" / "model.py"
-    model_py.write_text(gated_model_py(add_go))
-    fake_agent.plan(**{"LOAD:add2": "gate:add2-go"})
-    server = triton_factory(repo, repoagent_dir=fake_agent.root)
-    errors: list[BaseException] = []
-
-    def load(name: str) -> None:
-        try:
-            server.load(name)
-        except BaseException as exc:  # reported below
-            errors.append(exc)
-
-    threads = {n: threading.Thread(target=load, args=(n,)) for n in ("add", "add2")}
+    """While add2's LOAD is held, add's LOAD_COMPLETE runs on a second worker at once:
+    add serves before add2's LOAD is let go."""
+    server, add, add2 = _load_with_held_load(triton_factory, repo, fake_agent, {})
     try:
-        threads["add"].start()
-        fake_agent.wait_request("LOAD", "add")
-        threads["add2"].start()
-        fake_agent.wait_request("LOAD", "add2")
-        add_go.touch()
-        log = server.wait_log("waits for another model's action", timeout=60)
+        add.join(60)
+        assert not add.is_alive(), server.log_tail()
+        assert_serving(server, "add", WEIGHTS)
+        assert add2.is_alive()  # its LOAD is still held
     finally:
-        add_go.touch()
         fake_agent.open_gate("add2-go")
-        for thread in threads.values():
-            if thread.ident is not None:
-                thread.join(60)
-    assert any("LOAD_COMPLETE of" in ln and "waits for another" in ln for ln in log.splitlines())
-    assert not errors
+        add.join(60)
+        add2.join(60)
+    assert_serving(server, "add2", [0.5] * 4)
+    log = server.log_text()
+    started = [ln for ln in log.splitlines() if "cacheagent: worker pid" in ln and "started" in ln]
+    assert len(started) == 2, started
+    assert "workers are busy" not in log
+
+
+def test_one_worker_makes_actions_wait_and_says_so(
+    triton_factory: Factory, repo: Path, fake_agent: FakeAgent
+) -> None:
+    """With CACHEAGENT_WORKERS=1, add's LOAD_COMPLETE waits for add2's LOAD, and says why."""
+    env = {"CACHEAGENT_WORKERS": "1"}
+    server, add, add2 = _load_with_held_load(triton_factory, repo, fake_agent, env)
+    try:
+        log = server.wait_log("all 1 workers are busy", timeout=60)
+        assert any("LOAD_COMPLETE of" in ln and "workers are busy" in ln for ln in log.splitlines())
+        assert add.is_alive()  # add's load waits for the one worker
+    finally:
+        fake_agent.open_gate("add2-go")
+        add.join(60)
+        add2.join(60)
     assert_serving(server, "add", WEIGHTS)
     assert_serving(server, "add2", [0.5] * 4)
-    loads = [r for r in fake_agent.requests() if r["action"] == "LOAD"]
-    assert sorted(r["config"]["name"] for r in loads) == ["add", "add2"]
 
 
 def gated_model_py(gate: Path) -> str:

@@ -92,6 +92,20 @@ def temp_blobs_with_bytes(cache: Path) -> list[Path]:
     return found
 
 
+def owners_of(cache: Path, pid: int) -> list[str]:
+    """The owner names of process ``pid`` (temp names carry those, not pids); call this
+    before a cleanup after its death removes its owner token."""
+    return [
+        token.stem
+        for token in (cache / "owners").glob("owner-*.lock")
+        if token.read_text().strip() == f"pid {pid}"
+    ]
+
+
+def temp_entries_of(cache: Path, owners: list[str]) -> list[Path]:
+    return [path for owner in owners for path in (cache / "tmp").glob(f"{owner}.*")]
+
+
 def cache_problems(root: Path) -> list[str]:
     """Blobs whose bytes do not match their name, snapshots that are partial or unrecorded."""
     problems = []
@@ -154,7 +168,8 @@ def test_triton_killed_mid_fetch_then_restart_serves_right_weights(
     assert wait_pid_gone(worker, 10), "the worker outlived a SIGKILLed Triton"
     wait_for(lambda: rig.object_bytes("models/add/", ok_only=False) > 0, 10, "the cut GETs")
     assert rig.object_bytes("models/add/", ok_only=False) < size, "the kill came too late"
-    assert list((cache / "tmp").glob(f"{worker}-*")), "no partial download was interrupted"
+    owners = owners_of(cache, worker)
+    assert temp_entries_of(cache, owners), "no partial download was interrupted"
     assert list((cache / "snapshots").iterdir()) == []
     assert cache_problems(cache) == []
 
@@ -165,7 +180,7 @@ def test_triton_killed_mid_fetch_then_restart_serves_right_weights(
     assert second.model_ready("add")
     assert_serves(second, "add", weights)
     assert any(" MISS: " in line for line in load_lines(second, "add"))
-    assert not list((cache / "tmp").glob(f"{worker}-*")), "the dead worker's temp files stayed"
+    assert not temp_entries_of(cache, owners), "the dead worker's temp files stayed"
     assert cache_problems(cache) == []
     assert [lease.pid for lease in live_leases(cache)] == [second.pid]
 
@@ -193,6 +208,8 @@ def test_worker_killed_mid_fetch_then_load_again_serves_right_weights(
     wait_for(lambda: bool(temp_blobs_with_bytes(cache)), 60, "bytes of the weights on disk")
     (worker,) = server.worker_pids()
     os.kill(worker, signal.SIGKILL)
+    owners = owners_of(cache, worker)
+    assert temp_entries_of(cache, owners), "no partial download was interrupted"
     loader.join(60)
     assert failure and isinstance(failure[0], TritonHTTPError), "the LOAD did not fail"
     server.wait_log(f"worker process (pid {worker}) was killed by signal 9", 10)
@@ -204,7 +221,7 @@ def test_worker_killed_mid_fetch_then_load_again_serves_right_weights(
     server.load("add")  # a fresh worker; it also clears the dead one's temp files
     assert server.worker_pids() != [worker]
     assert_serves(server, "add", weights)
-    assert not list((cache / "tmp").glob(f"{worker}-*"))
+    assert not temp_entries_of(cache, owners)
     assert cache_problems(cache) == []
 
 
@@ -492,3 +509,70 @@ def test_credentials_never_reach_tritons_log(
     for log in (server.log_text(), other.log_text()):
         assert "cacheagent" in log
         assert SECRET not in log and AZURE_SECRET not in log
+
+
+# ---- 8. settings travel with each model ------------------------------------------
+
+
+def test_models_with_different_settings_on_one_cache_keep_their_own_with_prefetch_on(
+    triton_factory: Factory, s3_rig: StorageRig, repoagent_dir: Path, tmp_path: Path
+) -> None:
+    """Per-model parameters never bleed between models sharing one cache and worker.
+
+    Prefetch is on, so sibling fetches run in background threads while the other
+    models' LOADs run. Each model must be judged by its own parameters: ``verify:
+    hash`` catches a flipped byte although its sibling says ``verify: none``;
+    ``stale_if_error: false`` fails during an outage although its sibling allows
+    stale; ``max_size: 1MB`` refuses a 2 MB model although its sibling sets none.
+    """
+    rig, cache, repo = s3_rig, tmp_path / "cache", tmp_path / "repo"
+    hashed, careless = [1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]
+    put_model(rig, "hashed", hashed)
+    put_model(rig, "careless", careless)
+    put_model(rig, "strict", [2.0] * 4)
+    put_model(rig, "lenient", [3.0] * 4)
+    put_model(rig, "small_budget", [4.0] * 4, 2 * MB)
+    put_model(rig, "no_budget", [5.0] * 4, 2 * MB)
+    on = {"prefetch": "true"}
+    stub(repo, "careless", rig, cache, verify="none", **on)
+    stub(repo, "hashed", rig, cache, verify="hash", **on)
+    stub(repo, "lenient", rig, cache, **on)
+    stub(repo, "strict", rig, cache, stale_if_error="false", **on)
+    stub(repo, "no_budget", rig, cache, **on)
+    stub(repo, "small_budget", rig, cache, max_size="1MB", **on)
+
+    first = triton_factory(
+        repo, repoagent_dir=repoagent_dir, env=rig.env, load_models=["careless", "hashed"]
+    )
+    for name in ("strict", "lenient", "no_budget"):
+        first.load(name)
+    with pytest.raises(TritonHTTPError):
+        first.load("small_budget")  # its own 1MB budget, whatever the siblings say
+    budget_lines = [line for line in first.log_text().splitlines() if "small_budget" in line]
+    assert any("max_size" in line and "(1000000 bytes)" in line for line in budget_lines)
+    first.stop()
+
+    record = snapshot_of(cache, "hashed")
+    blob = cache / "snapshots" / record.key / "1" / "weights.bin"
+    blob.chmod(0o644)
+    with open(blob, "r+b") as handle:  # 1.0 = 00 00 80 3f: flip the exponent byte
+        handle.seek(3)
+        handle.write(bytes([0x3F ^ 0x01]))
+    blob.chmod(0o444)
+
+    # careless loads first and starts prefetching hashed with verify: none meanwhile.
+    second = triton_factory(
+        repo, repoagent_dir=repoagent_dir, env=rig.env, load_models=["careless", "hashed"]
+    )
+    assert_serves(second, "careless", careless)
+    assert_serves(second, "hashed", hashed)  # re-fetched: the flipped byte was caught
+    assert " MISS: " in load_lines(second, "hashed")[-1], load_lines(second, "hashed")
+    second.stop()
+
+    rig.proxy.set_down(True)
+    third = triton_factory(repo, repoagent_dir=repoagent_dir, env=rig.env, load_models=["lenient"])
+    with pytest.raises(TritonHTTPError):
+        third.load("strict")
+    assert " STALE: " in load_lines(third, "lenient")[-1]
+    assert not any(" STALE: " in line for line in load_lines(third, "strict"))
+    assert not third.model_ready("strict")

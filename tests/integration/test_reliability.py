@@ -34,7 +34,6 @@ from cacheagent.errors import (
 from cacheagent.local.index import Index
 from cacheagent.remote.listing import list_manifest
 from cacheagent.remote.location import parse_location
-from cacheagent.remote.transfer import FetchSettings
 from harness.emulators import StorageRig
 from harness.wait import wait_for
 
@@ -91,12 +90,30 @@ def cache_problems(root: Path) -> list[str]:
     return problems
 
 
+def owners_of(cache: Path, pid: int) -> list[str]:
+    """The owner names of process ``pid``: temp names carry those, not pids.
+
+    An owner token says which pid created it (for people only), and stays until
+    a cleanup after its holder's death, so call this before that cleanup.
+    """
+    return [
+        token.stem
+        for token in (cache / "owners").glob("owner-*.lock")
+        if token.read_text().strip() == f"pid {pid}"
+    ]
+
+
+def temp_entries_of(cache: Path, owners: list[str]) -> list[Path]:
+    """Temp files and dirs of those owners."""
+    return [path for owner in owners for path in (cache / "tmp").glob(f"{owner}.*")]
+
+
 def temp_blobs_with_bytes(cache: Path, pid: int) -> list[Path]:
     """Temp blobs of process ``pid`` that already hold downloaded bytes."""
     found = []
-    for path in (cache / "tmp").glob(f"{pid}-*.blob"):
+    for path in temp_entries_of(cache, owners_of(cache, pid)):
         with contextlib.suppress(FileNotFoundError):  # finished and renamed meanwhile
-            if path.stat().st_size > 0:
+            if path.suffix == ".blob" and path.stat().st_size > 0:
                 found.append(path)
     return found
 
@@ -185,7 +202,8 @@ def test_kill9_of_warm_mid_fetch_leaves_nothing_partial(tmp_path, s3_rig):
     crossed = rig.object_bytes("models/m/", ok_only=False)
     assert 0 < crossed < total, "the kill did not land mid-fetch"
 
-    leftovers = list((cache / "tmp").glob(f"{proc.pid}-*"))
+    owners = owners_of(cache, proc.pid)
+    leftovers = temp_entries_of(cache, owners)
     assert leftovers, "the killed process left no temp file: it was not mid-download"
     assert snapshot_dirs(cache) == []
     assert cache_problems(cache) == []
@@ -203,7 +221,7 @@ def test_kill9_of_warm_mid_fetch_leaves_nothing_partial(tmp_path, s3_rig):
     assert result["hit"] is False
     for relpath, data in files.items():
         assert (Path(result["path"]) / relpath).read_bytes() == data
-    assert not list((cache / "tmp").glob(f"{proc.pid}-*")), "the dead pid's temp files stayed"
+    assert not temp_entries_of(cache, owners), "the dead pid's temp files stayed"
     assert snapshot_dirs(cache) == [result["key"]]
     assert cache_problems(cache) == []
 
@@ -228,7 +246,7 @@ def test_storage_lost_mid_download_fails_clearly_and_publishes_nothing(
     url = rig.url("models/m")
     rig.proxy.per_conn_bytes_per_s = 2 * MiB
     cut = Once(lambda: rig.proxy.set_down(True) if fault == "proxy_down" else rig.stop_emulator())
-    with open_cache(tmp_path / "cache", rig, fetch_settings=FetchSettings(2, MiB)) as cache:
+    with open_cache(tmp_path / "cache", rig, concurrency=2, part_size=MiB) as cache:
         with pytest.raises(StorageUnavailableError) as failure:
             cache.fetch(url, progress=cut)
         assert cut.done.is_set(), "the download finished before the fault"
@@ -272,7 +290,7 @@ def test_transient_outage_mid_download_is_retried(tmp_path, rig):
         threading.Timer(0.5, rig.proxy.set_down, (False,)).start()
 
     blipped = Once(blip)
-    with open_cache(tmp_path / "cache", rig, fetch_settings=FetchSettings(2, MiB)) as cache:
+    with open_cache(tmp_path / "cache", rig, concurrency=2, part_size=MiB) as cache:
         snap = cache.fetch(rig.url("models/m"), progress=blipped)
     assert blipped.done.is_set()
     for relpath, data in files.items():
@@ -326,7 +344,7 @@ def test_object_replaced_mid_download_is_never_published_mixed(tmp_path, rig):
     rig.proxy.per_conn_bytes_per_s = 4 * MiB
     # One connection, 1 MiB parts in order: the first part is old, the rest new.
     replace = Once(lambda: rig.put("models/m/1/w.bin", new))
-    with open_cache(tmp_path / "cache", rig, fetch_settings=FetchSettings(1, MiB)) as cache:
+    with open_cache(tmp_path / "cache", rig, concurrency=1, part_size=MiB) as cache:
         snap = cache.fetch(rig.url("models/m"), progress=replace)
         assert replace.done.is_set()
         assert (snap.path / "1/w.bin").read_bytes() == new
@@ -506,9 +524,9 @@ def test_real_outage_serves_last_good_snapshot_or_fails_naming_url(tmp_path, rig
             assert (stale.path / relpath).read_bytes() == data
         assert cache.stats().counters["stale_served"] == 1
 
-        cache.stale_if_error = False
+        strict = cache.defaults.replace(stale_if_error=False)
         with pytest.raises(StorageUnavailableError) as refused:
-            cache.fetch(url)
+            cache.fetch(url, settings=strict)
         assert url in str(refused.value) and "unreachable" in str(refused.value)
     assert cache_problems(tmp_path / "cache") == []
 
@@ -541,7 +559,10 @@ def test_concurrent_warms_overlap_and_download_once(tmp_path, s3_rig):
     assert len({r["path"] for r in results}) == 1
     assert sorted(r["hit"] for r in results) == [False, True, True]
     assert sum(r["bytes_fetched"] for r in results) == size
-    assert rig.object_bytes("models/m/") == size
+    # The model's files cross once; each warm also reads config.pbtxt to select the
+    # versions its policy loads, as Triton hands a LOAD its config.
+    config = len(files["config.pbtxt"])
+    assert rig.object_bytes("models/m/") == size + 3 * config
     assert cache_problems(cache) == []
 
 
@@ -570,12 +591,23 @@ def test_leased_snapshot_is_never_evicted(tmp_path, s3_rig):
     rig = s3_rig
     for name in ("a", "b", "c"):
         rig.put_tree(f"models/{name}", {"1/w.bin": os.urandom(MiB), "config.pbtxt": name.encode()})
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
+    # A lease lives while its taker runs: "b" is leased by a process that has exited.
+    take_and_exit = (
+        "import os, sys\n"
+        "from cacheagent.cache import Cache, LeaseSpec\n"
+        "Cache(sys.argv[1]).fetch(sys.argv[2], lease=LeaseSpec('dead', os.getpid(), 'b'))\n"
+    )
     with open_cache(tmp_path / "cache", rig, max_size=2 * MiB + 100) as cache:
         # "a" is leased by this (live) process and used least recently of all.
         a = cache.fetch(rig.url("models/a"), lease=LeaseSpec("live", os.getpid(), "a"))
-        b = cache.fetch(rig.url("models/b"), lease=LeaseSpec("dead", dead.pid, "b"))
+        dead = subprocess.run(
+            [sys.executable, "-c", take_and_exit, str(cache.root), rig.url("models/b")],
+            env={**os.environ, **rig.env},
+            timeout=120,
+        )
+        assert dead.returncode == 0
+        b = cache.fetch(rig.url("models/b"))
+        assert b.hit and {lease.lease_id for lease in cache.leases()} == {"live", "dead"}
         c = cache.fetch(rig.url("models/c"))  # must make room: only "b" may go
         kept = {r.key for r in cache.snapshots()}
         assert a.key in kept and c.key in kept and b.key not in kept
@@ -632,7 +664,7 @@ def test_disk_filling_up_mid_download_fails_cleanly_then_recovers(tmpfs, s3_rig)
         with open(filler, "wb") as handle:
             handle.write(b"\0" * max(free - MiB, 0))
 
-    with open_cache(tmpfs / "cache", rig, fetch_settings=FetchSettings(2, MiB)) as cache:
+    with open_cache(tmpfs / "cache", rig, concurrency=2, part_size=MiB) as cache:
         with pytest.raises(CacheFullError) as failure:
             cache.fetch(rig.url("models/m"), on_plan=fill_disk)
         assert filler.exists()
@@ -771,3 +803,79 @@ def test_azure_key_never_appears_in_cli_output(tmp_path, azure_rig):
         outputs.extend([done.stdout, done.stderr])
     assert "Traceback" not in "".join(outputs)
     assert_no_secret(*outputs)
+
+
+def test_stale_if_error_serves_only_a_snapshot_of_the_same_version_selection(
+    tmp_path: Path, s3_rig: StorageRig
+) -> None:
+    """Two models on one source, ``specific [1]`` and ``specific [2]``: in an outage
+    each gets its own cached selection, never the other's (which would lack its
+    version and fail to load)."""
+    from cacheagent.triton.layout import version_selection
+
+    rig = s3_rig
+    rig.put_tree("models/m", {"config.pbtxt": b"x", "1/w.bin": b"one", "2/w.bin": b"two"})
+    url = rig.url("models/m")
+    policies = {
+        v: version_selection({"version_policy": {"specific": {"versions": [v]}}}, "policy")
+        for v in (1, 2)
+    }
+    with open_cache(tmp_path / "cache", rig) as cache:
+        good = {
+            v: cache.fetch(url, select=select, selection=name)
+            for v, (select, name) in policies.items()
+        }
+        assert good[1].key != good[2].key
+        rig.proxy.set_down(True)
+        try:
+            for v, (select, name) in policies.items():
+                stale = cache.fetch(url, select=select, selection=name)
+                assert stale.stale and stale.key == good[v].key
+                assert (stale.path / f"{v}/w.bin").is_file()
+            # Triton's JSON gives specific versions as strings: the same selection.
+            select, name = version_selection(
+                {"version_policy": {"specific": {"versions": ["1"]}}}, "policy"
+            )
+            assert cache.fetch(url, select=select, selection=name).key == good[1].key
+            # A selection never fetched has nothing to fall back on.
+            select, name = version_selection({"version_policy": {"all": {}}}, "policy")
+            with pytest.raises(StorageUnavailableError):
+                cache.fetch(url, select=select, selection=name)
+        finally:
+            rig.proxy.set_down(False)
+
+
+def test_verify_repairs_around_a_leased_snapshot_and_never_removes_it(
+    tmp_path: Path, s3_rig: StorageRig
+) -> None:
+    """``verify`` relinks a blob whose name was lost while its snapshot still holds
+    intact bytes, and reports (never removes) a damaged snapshot a live process leases."""
+    rig = s3_rig
+    rig.put_tree("models/m", {"config.pbtxt": b"cfg", "1/w.bin": b"weights" * 1000})
+    url = rig.url("models/m")
+    with open_cache(tmp_path / "cache", rig) as holder:
+        snap = holder.fetch(url, lease=LeaseSpec("holder", os.getpid(), "m"))
+        record = holder.index.get_snapshot(snap.key)
+        assert record is not None
+        digest = record.blobs()["1/w.bin"]
+        holder.store.remove_blob(digest)  # the blob's extra name is gone, bytes intact
+
+        with open_cache(tmp_path / "cache", rig) as checker:
+            report = checker.verify(repair=True)
+            assert report.relinked_blobs == [digest] and report.repaired
+            assert report.broken_snapshots == [] and report.leased_left == []
+            assert checker.store.has_blob(digest) and snap.path.is_dir()
+
+            weights = snap.path / "1" / "w.bin"
+            weights.chmod(0o644)
+            with open(weights, "r+b") as handle:  # now real damage, under a live lease
+                handle.write(b"X")
+            report = checker.verify(repair=True)
+            assert report.leased_left == [snap.key] and not report.repaired
+            assert report.broken_snapshots == []
+            assert snap.path.is_dir()  # a running server's model is never pulled away
+        holder.release("holder")
+    with open_cache(tmp_path / "cache", rig) as after:
+        report = after.verify(repair=True)  # unleased now: removed, fetched at next load
+        assert report.broken_snapshots == [snap.key] and report.repaired
+        assert not snap.path.exists()

@@ -58,7 +58,7 @@ def test_load_logs_one_line_and_leases_then_unload_releases(tmp_path, logs):
     assert sorted(os.listdir(path)) == ["2", "config.pbtxt"]  # default policy: latest 1
     info = [m for lvl, m in logs if lvl == "INFO"]
     assert len(info) == 1 and "model 'add' MISS" in info[0] and " s from " in info[0]
-    cache = actions.cache_for(actions.parse_params({"cache_dir": str(tmp_path / "c")}, "add"))
+    cache = actions.cache_for(tmp_path / "c")
     assert [lease.model for lease in cache.leases()] == ["add"]
     actions.handle(request("UNLOAD_COMPLETE", model, tmp_path / "c"), log)
     assert cache.leases() == []
@@ -85,7 +85,7 @@ def test_load_fail_releases_lease(tmp_path, logs):
     model = make_model(tmp_path / "add")
     actions.handle(request("LOAD", model, tmp_path / "c"), lambda *a: None)
     actions.handle(request("LOAD_FAIL", model, tmp_path / "c"), lambda *a: None)
-    cache = actions.cache_for(actions.parse_params({"cache_dir": str(tmp_path / "c")}, "add"))
+    cache = actions.cache_for(tmp_path / "c")
     assert cache.leases() == []
 
 
@@ -102,7 +102,7 @@ def test_a_fresh_worker_lists_before_it_imports_the_cache(tmp_path):
     probe = (
         "import sys, cacheagent.triton.worker, cacheagent.triton.actions\n"
         "heavy = ('cacheagent.cache', 'diskcache', 'sqlite3', 'concurrent.futures',\n"
-        "         'cacheagent.triton.prefetch', 'cacheagent.triton.pbtxt', 'fsspec')\n"
+        "         'cacheagent.triton.prefetch', 'google.protobuf', 'fsspec')\n"
         "print(' '.join(m for m in heavy if m in sys.modules) or 'none')\n"
     )
     out = subprocess.run(

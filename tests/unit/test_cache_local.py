@@ -9,7 +9,6 @@ import pytest
 
 from cacheagent.cache import Cache, LeaseSpec
 from cacheagent.errors import CacheFullError, RemoteNotFoundError
-from cacheagent.remote.transfer import FetchSettings
 
 
 def make_model(root, files):
@@ -22,7 +21,7 @@ def make_model(root, files):
 
 @pytest.fixture
 def cache(tmp_path):
-    with Cache(tmp_path / "cache", fetch_settings=FetchSettings(4, 1024 * 1024)) as c:
+    with Cache(tmp_path / "cache", concurrency=4, part_size=1024 * 1024) as c:
         yield c
 
 
@@ -62,7 +61,7 @@ def test_one_changed_file_of_ten_fetches_only_that_file(tmp_path, cache):
 def test_large_file_in_many_parts_is_exact(tmp_path):
     data = os.urandom(5 * 1024 * 1024 + 123)
     model = make_model(tmp_path / "m", {"1/big.bin": data, "config.pbtxt": b"x"})
-    with Cache(tmp_path / "c", fetch_settings=FetchSettings(3, 1024 * 1024)) as c:
+    with Cache(tmp_path / "c", concurrency=3, part_size=1024 * 1024) as c:
         snap = c.fetch(str(model))
         assert (snap.path / "1/big.bin").read_bytes() == data
 
@@ -112,9 +111,17 @@ def test_lru_eviction_respects_leases_and_budget(tmp_path, cache):
 
 def test_lease_of_dead_process_does_not_protect(tmp_path, cache):
     model = make_model(tmp_path / "m", {"1/w.bin": b"w" * 1000})
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    snap = cache.fetch(str(model), lease=LeaseSpec("dead", child.pid, "m"))
+    # A lease lives while its taker runs: a child takes one, then exits.
+    take = (
+        "import os, sys\n"
+        "from cacheagent.cache import Cache, LeaseSpec\n"
+        "Cache(sys.argv[1]).fetch(sys.argv[2], lease=LeaseSpec('dead', os.getpid(), 'm'))\n"
+    )
+    child = subprocess.run([sys.executable, "-c", take, str(cache.root), str(model)], timeout=60)
+    assert child.returncode == 0
+    assert [lease.lease_id for lease in cache.leases()] == ["dead"]
+    snap = cache.fetch(str(model))
+    assert snap.hit
     assert cache.evict(0).evicted[0].key == snap.key
     assert cache.leases() == []
 
@@ -143,8 +150,7 @@ def test_flipped_byte_detected_only_by_hash_mode(tmp_path):
             handle.seek(0)
             handle.write(bytes([first[0] ^ 0xFF]))
         assert c.fetch(str(model)).hit  # size check cannot see a flipped byte
-        c.verify_mode = "hash"
-        fixed = c.fetch(str(model))
+        fixed = c.fetch(str(model), settings=c.defaults.replace(verify="hash"))
         assert not fixed.hit
         assert (fixed.path / "1/w.bin").read_bytes() == (model / "1/w.bin").read_bytes()
 

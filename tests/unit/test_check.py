@@ -1,24 +1,20 @@
-"""``cacheagent check`` on real local repositories, and the config.pbtxt reader it uses.
+"""``cacheagent check`` on real local repositories.
 
 Every rule has a repository that breaks it and a test that the finding names
 the model, the path and what to do; the good repository yields no error and
-no warning. The reader is checked on realistic configs (against protobuf's own
-parser where tritonclient's generated ModelConfig is installed), on malformed
-input (a PbtxtError with a line number), and by property tests.
+no warning. What Triton's schema refuses, the check refuses with line and
+column (the reader itself is tested in test_config.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from cacheagent.errors import CacheAgentError, InvalidLocationError, RemoteNotFoundError
+from cacheagent.errors import InvalidLocationError, RemoteNotFoundError
 from cacheagent.triton import check as check_module
 from cacheagent.triton.check import (
     CheckReport,
@@ -27,291 +23,6 @@ from cacheagent.triton.check import (
     format_report,
     report_json,
 )
-from cacheagent.triton.pbtxt import Identifier, Message, PbtxtError, parse
-
-# --------------------------------------------------------------------------- the reader
-
-REALISTIC = """
-# A config as people write them: comments, both quote styles, lists, nesting.
-name: "resnet"   # trailing comment
-platform: 'onnxruntime_onnx'
-max_batch_size: 8
-version_policy: { specific: { versions: [1, 3] } }
-input [
-  {
-    name: "INPUT__0"
-    data_type: TYPE_FP32
-    format: FORMAT_NCHW
-    dims: [ 3, 224, 224 ]
-    reshape: { shape: [ 1, 3, 224, 224 ] }
-  }
-]
-output {
-  name: 'OUTPUT__0'
-  data_type: TYPE_FP32
-  dims: [ 1000 ]
-  label_filename: "labels.txt"
-}
-instance_group [
-  { count: 2, kind: KIND_GPU, gpus: [ 0, 1 ] },
-  { count: 1; kind: KIND_CPU }
-]
-dynamic_batching { preferred_batch_size: [ 4, 8 ] max_queue_delay_microseconds: 100 }
-optimization { execution_accelerators {
-  gpu_execution_accelerator : [ { name : "tensorrt"
-    parameters { key: "precision_mode" value: "FP16" } } ] } }
-parameters: { key: "escaped" value: { string_value: "tab\\there \\"q\\" \\x41\\101 \\u00e9" } }
-model_repository_agents {
-  agents [
-    {
-      name: "cacheagent",
-      parameters [
-        { key: "cache_dir", value: "/var/cache/cacheagent" },
-        { key: "max_size", value: "200" 'GiB' }
-      ]
-    }
-  ]
-}
-"""
-
-
-def test_realistic_config_reads_every_field():
-    config = parse(REALISTIC)
-    assert config.first("name") == "resnet"
-    assert config.first("platform") == "onnxruntime_onnx"
-    assert config.first("max_batch_size") == 8
-    policy = config.message("version_policy")
-    assert policy is not None and policy.message("specific").all("versions") == [1, 3]
-    (inp,) = config.all("input")
-    assert inp.first("data_type") == "TYPE_FP32" and isinstance(inp.first("data_type"), Identifier)
-    assert inp.all("dims") == [3, 224, 224]
-    assert inp.message("reshape").all("shape") == [1, 3, 224, 224]
-    assert config.message("output").first("name") == "OUTPUT__0"
-    groups = config.all("instance_group")
-    assert [g.first("count") for g in groups] == [2, 1]
-    assert groups[0].all("gpus") == [0, 1] and groups[1].first("kind") == "KIND_CPU"
-    accel = config.message("optimization").message("execution_accelerators")
-    gpu = accel.message("gpu_execution_accelerator")
-    assert gpu.first("name") == "tensorrt"
-    assert gpu.message("parameters").first("value") == "FP16"
-    escaped = config.message("parameters").message("value").first("string_value")
-    assert escaped == 'tab\there "q" AA é'
-    agent = config.message("model_repository_agents").message("agents")
-    assert agent.first("name") == "cacheagent"
-    params = {p.first("key"): p.first("value") for p in agent.all("parameters")}
-    assert params == {"cache_dir": "/var/cache/cacheagent", "max_size": "200GiB"}
-    assert config.line_of("instance_group") == 22  # the text starts with a newline
-
-
-def test_realistic_config_agrees_with_protobuf():
-    """protobuf's own text parser with Triton's schema reads the same values."""
-    model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
-    text_format = pytest.importorskip("google.protobuf.text_format")
-    proto = text_format.Parse(REALISTIC, model_config_pb2.ModelConfig())
-    ours = parse(REALISTIC)
-    assert proto.name == ours.first("name") and proto.platform == ours.first("platform")
-    assert list(proto.version_policy.specific.versions) == [1, 3]
-    assert [g.count for g in proto.instance_group] == [
-        g.first("count") for g in ours.all("instance_group")
-    ]
-    assert list(proto.input[0].dims) == ours.message("input").all("dims")
-    assert proto.parameters["escaped"].string_value == (
-        ours.message("parameters").message("value").first("string_value")
-    )
-    agent = proto.model_repository_agents.agents[0]
-    assert dict(agent.parameters) == {
-        p.first("key"): p.first("value")
-        for p in ours.message("model_repository_agents").message("agents").all("parameters")
-    }
-
-
-SYNTAX_CASES = [
-    ("input { dims: [1, 2,] }", False),
-    ("input { dims [1, 2] }", False),
-    ("input { dims: [1 2] }", False),
-    ("input { name: 'x' >", False),
-    ("max_batch_size: 09", False),
-    ("max_batch_size: 1abc", False),
-    ('name: "\\u12"', False),
-    ('name: "\\777"', False),
-    ('name: "open', False),
-    ("max_batch_size: 010", True),
-    ("name: \"a\" 'b'", True),
-    ("input [ ]", True),
-    ('input: [ { name: "x" }, { name: "y" } ]', True),
-    ('input < name: "x" >', True),
-    ('input { name: "x" }; name: "m",', True),
-    ("input { dims: [ -1 ] }  # comment", True),
-    ('name: "\\x4\\101\\n"', True),
-    ('parameters { key: "a" value { string_value: "b" } }', True),
-]
-
-
-@pytest.mark.parametrize(("text", "valid"), SYNTAX_CASES)
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # protobuf's own, on \\777
-def test_syntax_verdict_matches_protobuf(text, valid):
-    """Where protobuf (with Triton's schema) refuses the syntax, so does the reader."""
-    try:
-        parse(text)
-        ours = True
-    except PbtxtError:
-        ours = False
-    assert ours == valid
-    model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
-    text_format = pytest.importorskip("google.protobuf.text_format")
-    try:
-        text_format.Parse(text, model_config_pb2.ModelConfig())
-        theirs = True
-    except text_format.ParseError:
-        theirs = False
-    assert theirs == valid
-
-
-def test_numbers_identifiers_and_angle_brackets():
-    config = parse("a: -1.5e3 b: 0x1F c: 010 d: -inf e: true f: .5 g: 2f h < x: 1 > i: 0")
-    assert config.to_python() == {
-        "a": -1500.0,
-        "b": 31,
-        "c": 8,
-        "d": "-inf",
-        "e": "true",
-        "f": 0.5,
-        "g": 2.0,
-        "h": {"x": 1},
-        "i": 0,
-    }
-    assert isinstance(config.first("e"), Identifier)
-    assert parse("").fields == [] and parse("# only a comment\n").fields == []
-    assert parse(b'name: "caf\xc3\xa9"').first("name") == "café"
-
-
-def test_repeated_fields_keep_every_occurrence_in_order():
-    config = parse("versions: 1 versions: [2, 3] versions: 4 x { } x [ { y: 1 } ]")
-    assert config.all("versions") == [1, 2, 3, 4]
-    assert config.to_python()["versions"] == [1, 2, 3, 4]
-    assert [isinstance(v, Message) for v in config.all("x")] == [True, True]
-    assert config.lines_of("versions") == [1, 1, 1, 1]
-    assert config.names() == ["versions", "x"]
-
-
-MALFORMED = [
-    ('name: "open', 1, "not closed"),
-    ("name: 'a\"", 1, "not closed"),
-    ('input {\n  name: "x"\n', 3, "closing '}'"),
-    ("input { name: 1 >", 1, "expected a field name"),
-    ("}", 1, "expected a field name"),
-    ('name "x"', 1, "expected ':'"),
-    ("dims [1, 2]", 1, "expected ':'"),
-    ("dims: [1, 2,]", 1, "expected a value"),
-    ("dims: [1 2]", 1, "expected ','"),
-    ("dims: [[1]]", 1, "expected a value"),
-    ("a: 1abc", 1, "malformed number"),
-    ("a: 09", 1, "octal"),
-    ('a: "\\q"', 1, "unknown escape"),
-    ('a: "\\u12"', 1, "hex digits"),
-    ('a: "\\777"', 1, "larger than one byte"),
-    ("a: -x", 1, "number after '-'"),
-    ("a: @", 1, "unexpected character"),
-    ("[ext.field]: 1", 1, "extension"),
-    ("\n\n  a: ", 3, "expected a value"),
-    ("a { " * 150, 1, "nested deeper"),
-]
-
-
-@pytest.mark.parametrize(("text", "line", "needle"), MALFORMED)
-def test_malformed_config_is_a_clear_error_with_its_line(text, line, needle):
-    with pytest.raises(PbtxtError) as info:
-        parse(text)
-    assert needle in str(info.value)
-    assert info.value.line == line and f"line {line}," in str(info.value)
-    assert isinstance(info.value, CacheAgentError)
-
-
-def test_invalid_utf8_is_a_clear_error():
-    with pytest.raises(PbtxtError, match="not valid UTF-8"):
-        parse(b'name: "\xff"')
-
-
-PBTXT_TOKENS = st.sampled_from(
-    [
-        "name", "input", ":", "{", "}", "<", ">", "[", "]", ",", ";", "-", " ", "\n", "#c\n",
-        '"s"', "'s'", '"\\', "1", "0x", "1.5e", "09", "KIND_GPU", "\\u", '"\\x4"', ".",
-    ]
-)  # fmt: skip
-
-
-@settings(max_examples=400, deadline=None)
-@given(st.one_of(st.text(max_size=120), st.lists(PBTXT_TOKENS, max_size=40).map("".join)))
-def test_reader_never_raises_anything_but_its_own_error(text):
-    try:
-        message = parse(text)
-    except PbtxtError as exc:
-        assert str(exc)
-        return
-    message.to_python()
-
-
-@settings(max_examples=100, deadline=None)
-@given(st.binary(max_size=80))
-def test_reader_on_bytes_never_raises_anything_but_its_own_error(data):
-    with contextlib.suppress(PbtxtError):
-        parse(data)
-
-
-NAMES = st.sampled_from(["name", "dims", "kind", "input", "parameters", "x_1"])
-SCALARS = st.one_of(
-    st.integers(min_value=-(2**40), max_value=2**40),
-    st.text(max_size=12),
-    st.sampled_from(["KIND_GPU", "TYPE_FP32", "true"]).map(Identifier),
-)
-TREES = st.recursive(
-    st.lists(st.tuples(NAMES, SCALARS), max_size=4),
-    lambda children: st.lists(st.tuples(NAMES, st.one_of(SCALARS, children)), max_size=4),
-    max_leaves=12,
-)
-
-
-def _render(fields, style: int) -> str:
-    out = []
-    for name, value in fields:
-        if isinstance(value, list):
-            open_, close = ("{", "}") if style % 2 else ("<", ">")
-            colon = ": " if style % 3 else " "
-            out.append(f"{name}{colon}{open_} {_render(value, style + 1)} {close}")
-        elif isinstance(value, Identifier):
-            out.append(f"{name}: {value}")
-        elif isinstance(value, str):
-            quote = '"' if style % 2 else "'"
-            escaped = "".join(
-                "".join(f"\\{b:03o}" for b in c.encode())
-                if c in "\\\"'\n" or not c.isprintable()
-                else c
-                for c in value
-            )
-            out.append(f"{name}: {quote}{escaped}{quote}")
-        else:
-            out.append(f"{name}: {value}")
-    sep = ",\n" if style % 2 else " # note\n"
-    return sep.join(out)
-
-
-def _as_fields(message: Message):
-    return [(f.name, _as_fields(f.value) if isinstance(f.value, Message) else f.value)
-            for f in message.fields]  # fmt: skip
-
-
-@settings(max_examples=200, deadline=None)
-@given(TREES, st.integers(min_value=0, max_value=5))
-def test_reader_reads_back_what_was_written(fields, style):
-    assert _tagged(_as_fields(parse(_render(fields, style)))) == _tagged(fields)
-
-
-def _tagged(fields):
-    # Compare types too: an enum identifier must not come back as a quoted string.
-    return [
-        (name, _tagged(v) if isinstance(v, list) else (type(v).__name__, v)) for name, v in fields
-    ]
-
 
 # --------------------------------------------------------------------------- repositories
 
@@ -604,15 +315,65 @@ def test_model_without_the_agent_gets_a_note(tmp_path):
 
 
 def test_unknown_and_duplicated_fields(tmp_path):
-    text = config(
-        "m", extra='max_batch_sise: 4\nbackend: "python"\ninstance_group {}\ninstance_group {}'
+    # Triton's parser refuses a field it does not know (an older check only warned),
+    # and a single-valued field set twice; repeated fields may repeat.
+    unknown = config("a", extra="max_batch_sise: 4\ninstance_group {}\ninstance_group {}")
+    twice = config("b", extra='backend: "python"\ninstance_group {}\ninstance_group {}')
+    repo = write(
+        tmp_path / "repo",
+        {
+            "a/config.pbtxt": unknown,
+            "a/1/model.py": "x",
+            "b/config.pbtxt": twice,
+            "b/1/model.py": "x",
+        },
     )
-    repo = write(tmp_path / "repo", {"m/config.pbtxt": text, "m/1/model.py": "x"})
     report = run(repo)
-    (warning,) = only(report, "warning")
-    assert "'max_batch_sise' is no field" in warning.message and "line 3" in warning.message
-    (error,) = only(report, "error")
-    assert "'backend' is set 2 times (lines 2, 4)" in error.message
+    assert not only(report, "warning")
+    errors = {f.model: f for f in only(report, "error")}
+    assert set(errors) == {"a", "b"}
+    assert errors["a"].path == "a/config.pbtxt"
+    assert "'max_batch_sise' is no field" in errors["a"].message
+    assert "line 3, column 1" in errors["a"].message
+    assert "did you mean 'max_batch_size'" in errors["a"].message
+    assert "'backend' is set more than once" in errors["b"].message
+    assert "line 3," in errors["b"].message
+
+
+@pytest.mark.parametrize(
+    ("extra", "line", "column", "needles"),
+    [
+        (
+            "instance_group [ { kind: KIND_GPUU } ]",
+            3,
+            26,
+            ["KIND_GPUU is no value", "did you mean 'KIND_GPU'", "KIND_CPU"],
+        ),
+        ("max_batch_sise: 8", 3, 1, ["'max_batch_sise' is no field", "'max_batch_size'"]),
+        (
+            "dynamic_batching { max_queue_delay_microsecondz: 100 }",
+            3,
+            20,
+            ["'max_queue_delay_microsecondz' is no field of ModelDynamicBatching"],
+        ),
+        ("max_batch_size: 3000000000", 3, 17, ["out of range"]),
+        ("max_batch_size: 8.5", 3, 17, ["integer"]),
+        ('input [ { name: "x" dims: [ 1, 2, ] } ]', 3, 35, ["integer", "fix the syntax"]),
+        ("dynamic_batching { } sequence_batching { }", 3, 22, ["sets dynamic_batching and"]),
+        ("default_model_filename: model.onnx", 3, 25, ["must be quoted"]),
+        ("platform: 7", 3, 11, ["must be quoted"]),
+    ],
+)
+def test_what_triton_refuses_is_an_error_with_line_and_column(
+    tmp_path, extra, line, column, needles
+):
+    repo = write(
+        tmp_path / "repo", {"m/config.pbtxt": config("m", extra=extra), "m/1/model.py": "x"}
+    )
+    (error,) = only(run(repo), "error")
+    assert error.path == "m/config.pbtxt"
+    assert f"line {line}, column {column}:" in error.message, error.message
+    assert all(needle in error.message for needle in needles), error.message
 
 
 def test_unsafe_object_names_are_errors(tmp_path):

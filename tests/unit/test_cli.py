@@ -59,7 +59,7 @@ def test_ls_stats_evict_purge_verify(tmp_path, model, capsys):
     code, out, _ = run(capsys, "evict", "--cache-dir", cache, "--max-size", "0")
     assert "evicted 1 snapshot" in out and not os.path.exists(rows[0]["path"])
     run(capsys, "warm", str(model), "--cache-dir", cache)
-    code, out, _ = run(capsys, "purge", "--cache-dir", cache, "--json")
+    code, out, _ = run(capsys, "purge", "--cache-dir", cache, "--json", "--yes")
     assert json.loads(out)["freed_bytes"] == 4096 + 9
 
 

@@ -3,8 +3,8 @@
 import os
 
 from cacheagent.cache import Cache
-from cacheagent.triton import pbtxt
-from cacheagent.triton.prefetch import Prefetcher, agent_parameters, config_json
+from cacheagent.triton.config import agent_parameters, config_json, parse_config
+from cacheagent.triton.prefetch import Prefetcher
 
 
 def agent_config(name, params, policy="latest { num_versions: 1 }"):
@@ -17,12 +17,13 @@ def agent_config(name, params, policy="latest { num_versions: 1 }"):
 
 
 def test_agent_parameters_and_policy_from_pbtxt():
-    config = pbtxt.parse(
+    config = parse_config(
         agent_config("m", {"cache_dir": "/c", "max_size": "1GB"}, "specific { versions: 3 }")
     )
     assert agent_parameters(config) == {"cache_dir": "/c", "max_size": "1GB"}
-    assert config_json(config) == {"name": "m", "version_policy": {"specific": {"versions": 3}}}
-    assert agent_parameters(pbtxt.parse('name: "x"')) is None
+    # Triton's JSON shape: a lone version still comes as a list.
+    assert config_json(config) == {"name": "m", "version_policy": {"specific": {"versions": [3]}}}
+    assert agent_parameters(parse_config('name: "x"')) is None
 
 
 def test_siblings_named_cacheagent_are_fetched_in_the_background(tmp_path):
@@ -44,8 +45,8 @@ def test_siblings_named_cacheagent_are_fetched_in_the_background(tmp_path):
     (stub / "c" / "config.pbtxt").write_text('name: "c"\nbackend: "python"\n')  # no agent: skipped
     caches = {}
 
-    def cache_for(p):
-        return caches.setdefault(p.cache_dir, Cache(p.cache_dir))
+    def cache_for(cache_dir):
+        return caches.setdefault(cache_dir, Cache(cache_dir))
 
     prefetcher = Prefetcher(cache_for)
     assert prefetcher.after_load(str(stub / "a"), "a")

@@ -356,9 +356,10 @@ def _options(parser: argparse.ArgumentParser) -> list[argparse.Action]:
 
 
 def _checks_form(action: argparse.Action) -> bool:
-    # The size and bounded-integer parsers of cli.py: any garbage is a bad value for them.
+    # The settings-backed and bounded-integer parsers of the CLI: any garbage is a bad
+    # value for them.
     name = getattr(action.type, "__qualname__", "")
-    return name.startswith(("_size_arg.", "_int_arg."))
+    return name.startswith(("_setting_arg.", "_int_arg."))
 
 
 def _argv(command: str, tmp: Path, without: str = "") -> list[str]:
@@ -429,8 +430,8 @@ def test_size_and_count_flags_state_their_accepted_values(tmp_path, capsys):
     cases = [
         (["warm", "m", "--max-size", "lots"], ["500MB", "200GiB"]),
         (["warm", "m", "--max-size", "9" * 400], ["--max-size"]),  # no overflow traceback
-        (["warm", "m", "--concurrency", "65"], ["1 to 64"]),
-        (["warm", "m", "--part-size", "2GiB"], ["1.0 MiB", "1.0 GiB"]),
+        (["warm", "m", "--concurrency", "129"], ["1 to 128"]),
+        (["warm", "m", "--part-size", "2GiB"], ["1MiB to 1GiB"]),
         (["stats", "--top", "1001"], ["0 to 1000"]),
     ]
     for argv, words in cases:
@@ -447,6 +448,11 @@ SEMANTIC_CASES: list[tuple[str, str, str, list[str]]] = [
     ("stats", "--output", "<dir>", ["directory"]),
     ("stub", "--param", "noequals", ["KEY=VALUE"]),
     ("stub", "--param", "max_size=lots", ["max_size", "500MB"]),
+    ("ls", "--filter", "size~1GB", ["FIELD OP VALUE", "size>1GB"]),
+    ("ls", "--filter", "color=red", ["unknown field", "accessed"]),
+    ("ls", "--filter", "accessed>soon", ["duration", "30d"]),
+    ("ls", "--filter", "size>lots", ["200GiB"]),
+    ("stats", "--serve", "nowhere", ["HOST:PORT", "127.0.0.1:9400"]),
 ]
 
 

@@ -74,10 +74,12 @@ def test_aborted_blob_leaves_nothing(tmp_path):
 
 def test_clean_tmp_removes_leftovers_of_dead_processes_only(tmp_path):
     store = Store(tmp_path / "c")
-    dead = store.tmp_dir / "999999999-abc.blob"
+    # Temp names carry their writer's owner token; an owner nobody holds is dead.
+    dead = store.tmp_dir / "owner-00000000deadbeef.abc.blob"
     dead.write_bytes(b"partial")
-    (store.tmp_dir / "999999999-def.snap").mkdir()
-    mine = store.tmp_dir / f"{os.getpid()}-live.blob"
+    (store.tmp_dir / "owner-00000000deadbeef.def.snap").mkdir()
+    mine = store.temp_path(store.blobs_dir, ".blob")
+    assert mine.parent == store.tmp_dir
     mine.write_bytes(b"in progress")
     assert store.clean_tmp() == 2
     assert mine.exists() and not dead.exists()

@@ -6,9 +6,9 @@ import pytest
 
 from cacheagent.cli.main import main
 from cacheagent.errors import InvalidParameterError
-from cacheagent.triton import actions, pbtxt
-from cacheagent.triton.prefetch import agent_parameters
-from cacheagent.triton.stub import strip_field, stub_config, write_stub
+from cacheagent.triton import actions
+from cacheagent.triton.config import ConfigError, agent_parameters, parse_config
+from cacheagent.triton.stub import stub_config, write_stub
 from cacheagent.triton.stubmark import recorded_digest
 from harness.agent_requests import agent_request
 
@@ -22,24 +22,59 @@ parameters { key: "note" value: { string_value: "has a } brace and model_reposit
 """
 
 
-def test_strip_field_removes_only_the_top_level_block():
-    text = CONFIG.decode()
-    stripped = strip_field(text, "model_repository_agents")
-    assert "agents [" not in stripped
-    assert 'string_value: "has a } brace and model_repository_agents"' in stripped
-    assert pbtxt.parse(stripped).first("name") == "add"
-
-
 def test_stub_config_keeps_the_config_and_sets_source():
     text = stub_config(CONFIG, "s3://bucket/repo/add", {"cache_dir": "/var/cache/ca"})
-    config = pbtxt.parse(text)
+    config = parse_config(text)
     assert agent_parameters(config) == {
         "max_size": "1GB",
         "cache_dir": "/var/cache/ca",
         "source": "s3://bucket/repo/add",
     }
-    assert config.first("backend") == "python" and config.has("input")
+    assert config.backend == "python" and config.input[0].name == "INPUT0"
+    # Only the agent section changes: a string that looks like one stays as it was.
+    note = config.parameters["note"].string_value
+    assert note == "has a } brace and model_repository_agents"
+    assert [a.name for a in config.model_repository_agents.agents] == ["cacheagent"]
     assert recorded_digest(text)[0] == "s3://bucket/repo/add"
+
+
+CHAINED = b"""name: "add"
+backend: "python"
+model_repository_agents {
+  agents [
+    { name: "checksum", parameters [ { key: "MD5:1/model.py", value: "0123" } ] },
+    { name: "cacheagent", parameters [ { key: "max_size", value: "1GB" } ] },
+    { name: "decrypt", parameters [ { key: "key_file", value: "/k" } ] }
+  ]
+}
+"""
+
+
+def test_stub_keeps_every_other_agent_in_order_after_cacheagent():
+    # Issue 10.13: a stub once kept cacheagent alone and dropped the checksum agent.
+    text = stub_config(CHAINED, "s3://bucket/repo/add", {"max_size": "5GB", "cache_dir": "/c"})
+    agents = parse_config(text).model_repository_agents.agents
+    assert [a.name for a in agents] == ["cacheagent", "checksum", "decrypt"]
+    # The model's own cacheagent parameters win over the stub's.
+    assert dict(agents[0].parameters) == {
+        "max_size": "1GB",
+        "cache_dir": "/c",
+        "source": "s3://bucket/repo/add",
+    }
+    assert dict(agents[1].parameters) == {"MD5:1/model.py": "0123"}
+    assert dict(agents[2].parameters) == {"key_file": "/k"}
+
+
+def test_stub_adds_cacheagent_first_where_the_model_has_only_other_agents():
+    remote = b'name: "add"\nmodel_repository_agents { agents { name: "checksum" } }\n'
+    agents = parse_config(stub_config(remote, "gs://b/add", {})).model_repository_agents.agents
+    assert [a.name for a in agents] == ["cacheagent", "checksum"]
+    assert dict(agents[0].parameters) == {"source": "gs://b/add"}
+
+
+def test_stub_refuses_a_config_triton_refuses():
+    with pytest.raises(ConfigError, match=r"line 2, column 1: 'max_batch_sise' is no field"):
+        stub_config(b'name: "add"\nmax_batch_sise: 8\n', "s3://b/add", {})
 
 
 def make_repo(root):
@@ -67,7 +102,7 @@ def test_stub_load_fetches_from_source_and_warns_when_remote_config_changes(tmp_
     repo = make_repo(tmp_path / "repo")
     stub = tmp_path / "stub"
     write_stub(str(repo), stub, {"cache_dir": str(tmp_path / "c"), "prefetch": "false"})
-    config = agent_parameters(pbtxt.parse((stub / "add" / "config.pbtxt").read_text()))
+    config = agent_parameters(parse_config((stub / "add" / "config.pbtxt").read_text()))
     logs = []
     request = agent_request("LOAD", stub / "add", config, artifact="FILESYSTEM")
     path = actions.handle(request, lambda level, msg: logs.append((level, msg)))
@@ -99,7 +134,8 @@ def test_cli_stub_and_prometheus_stats(tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert code == 0 and "2 model(s) stubbed" in out and "skipped broken" in out
-    params = agent_parameters(pbtxt.parse((tmp_path / "stub" / "mul" / "config.pbtxt").read_text()))
+    stubbed = (tmp_path / "stub" / "mul" / "config.pbtxt").read_text()
+    params = agent_parameters(parse_config(stubbed))
     assert params["max_size"] == "5GB" and params["cache_dir"] == str(tmp_path / "c")
     assert main(["stub", str(repo), "--out", str(tmp_path / "s2"), "--param", "oops"]) == 2
     main(["warm", str(repo / "add"), "--cache-dir", str(tmp_path / "c")])
@@ -121,6 +157,8 @@ def test_cli_stub_and_prometheus_stats(tmp_path, capsys):
         == 0
     )
     text = target.read_text()
-    assert "cacheagent_misses_total 1" in text and "# TYPE cacheagent_hits_total counter" in text
-    assert "cacheagent_cache_max_size_bytes 1000000000" in text
+    labels = f'{{cache_dir="{tmp_path / "c"}"}}'
+    assert f"cacheagent_misses_total{labels} 1" in text
+    assert "# TYPE cacheagent_hits_total counter" in text
+    assert f"cacheagent_cache_max_size_bytes{labels} 1000000000" in text
     assert list(target.parent.iterdir()) == [target]

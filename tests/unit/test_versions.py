@@ -1,4 +1,16 @@
-from cacheagent.triton.layout import policy_selector, selected_versions, version_of
+"""Version directories and policies (cacheagent.triton.layout): Triton's rules."""
+
+import pytest
+
+from cacheagent.triton.layout import (
+    TopDir,
+    classify,
+    policy_selector,
+    selected_versions,
+    version_dirs,
+    version_of,
+    version_selection,
+)
 
 PATHS = [
     "config.pbtxt",
@@ -45,3 +57,52 @@ def test_latest_n_specific_and_all():
 def test_selected_versions_handles_missing():
     assert selected_versions({"specific": {"versions": [7]}}, [1, 2]) == set()
     assert selected_versions(None, []) == set()
+
+
+def test_policy_comes_only_in_tritons_json_shape():
+    # Triton sends specific versions as a list of numbers, even for one version.
+    assert selected_versions({"specific": {"versions": [2]}}, [1, 2, 3]) == {2}
+    with pytest.raises(ValueError, match="must be a list"):
+        selected_versions({"specific": {"versions": 2}}, [1, 2, 3])
+
+
+def test_an_empty_policy_loads_all_and_latest_zero_loads_none():
+    # Measured on Triton 2.51: version_policy {} loads every version, and
+    # latest { } (num_versions 0) loads none and fails the model.
+    assert selected_versions({}, [1, 2, 3]) == {1, 2, 3}
+    assert selected_versions({"latest": {"num_versions": 0}}, [1, 2, 3]) == set()
+    assert selected_versions(None, [1, 2, 3]) == {3}
+    assert version_selection({"version_policy": {}}, "policy")[1] == "policy:all"
+    assert version_selection({}, "policy")[1] == "policy:latest:1"
+    assert (
+        version_selection({"version_policy": {"specific": {"versions": [3, 1]}}}, "policy")[1]
+        == "policy:specific:1,3"
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "number"),
+    [
+        ("1", "version", 1),
+        ("0", "version", 0),
+        ("9223372036854775807", "version", 2**63 - 1),
+        ("9223372036854775808", "too_large", None),
+        ("01", "leading_zero", None),
+        ("0abc", "leading_zero", None),
+        ("2a", "misread", 2),
+        ("+3", "misread", 3),
+        ("configs", "special", None),
+        ("warmup", "special", None),
+        ("initial_state", "special", None),
+        ("v1", "other", None),
+        ("\u0661", "other", None),  # an Arabic-Indic digit is no ASCII number
+    ],
+)
+def test_top_level_directories_as_triton_reads_them(name, kind, number):
+    assert classify(name) == TopDir(name, kind, number)
+
+
+def test_version_dirs_of_files_and_empty_directories():
+    assert version_dirs(PATHS) == ["1", "2", "3"]
+    assert version_dirs(["config.pbtxt"], ["10", "9", "01", "x/y"]) == ["9", "10"]
+    assert version_dirs([]) == []

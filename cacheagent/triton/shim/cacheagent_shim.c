@@ -18,7 +18,12 @@
  *     parent pid changes (a watchdog thread checks every second).
  *   - After any fault (death, hang, bad launcher) the worker is reaped and the next
  *     action starts a fresh one. A worker found dead between actions is replaced silently.
- *   - Finalize closes the worker's stdin, waits up to 5 s, then SIGKILLs and reaps it.
+ *   - Finalize closes each worker's stdin, waits up to 5 s, then SIGKILLs and reaps it.
+ *   - A worker handles one action at a time. Actions that arrive together (explicit-mode
+ *     loads from several client threads) each take a free slot of a small pool, starting
+ *     a worker there if needed, so no model waits behind another's download; all state
+ *     is on disk, so any worker serves any model's next action. CACHEAGENT_WORKERS (4,
+ *     at most 8) sizes the pool; 1 makes every action wait for the one worker.
  *
  * Shim -> worker: one JSON object per line:
  *   {"id": N, "action": "LOAD"|"LOAD_COMPLETE"|"LOAD_FAIL"|"UNLOAD"|"UNLOAD_COMPLETE",
@@ -30,6 +35,10 @@
  *   READY <version>        once, at startup
  *   HB                     heartbeat, every second while a request is being handled
  *   LOG <level> <text>     level INFO|WARN|ERROR|VERBOSE, forwarded to Triton's log
+ *   LEASE <path>           (LOAD, before OK) the snapshot's lease token file: the shim opens
+ *                          it and holds a shared flock on it, kept in that model's state until
+ *                          its LOAD_FAIL, UNLOAD_COMPLETE or ModelFinalize. A lease is live while
+ *                          anyone holds its token, so it outlives a crashed or restarted worker.
  *   OK <path>              request done; a non-empty path on LOAD redirects Triton there
  *   ERR <text>             request failed; a LOAD fails with this message
  *
@@ -53,6 +62,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
@@ -89,6 +99,8 @@ CA_EXPORT extern TRITONSERVER_Error *TRITONREPOAGENT_ModelParameterCount(
     TRITONREPOAGENT_Agent *, TRITONREPOAGENT_AgentModel *, uint32_t *);
 CA_EXPORT extern TRITONSERVER_Error *TRITONREPOAGENT_ModelParameter(
     TRITONREPOAGENT_Agent *, TRITONREPOAGENT_AgentModel *, uint32_t, const char **, const char **);
+CA_EXPORT extern TRITONSERVER_Error *TRITONREPOAGENT_ModelState(TRITONREPOAGENT_AgentModel *, void **);
+CA_EXPORT extern TRITONSERVER_Error *TRITONREPOAGENT_ModelSetState(TRITONREPOAGENT_AgentModel *, void *);
 CA_EXPORT extern TRITONSERVER_Error *TRITONREPOAGENT_ModelConfig(
     TRITONREPOAGENT_Agent *, TRITONREPOAGENT_AgentModel *, uint32_t, TRITONSERVER_Message **);
 CA_EXPORT extern TRITONSERVER_Error *TRITONSERVER_MessageSerializeToJson(
@@ -255,40 +267,48 @@ typedef struct {
   char *buf;          /* bytes read from its stdout, [pos, len) not consumed yet */
   size_t pos, len, cap;
   unsigned long long next_id;
+  int pending_lease;  /* LEASE fd of the request in flight */
+  pthread_mutex_t mu; /* one action at a time per worker */
 } worker_t;
 
-static worker_t g_w = {-1, -1, -1, NULL, 0, 0, 0, 1};
-static pthread_mutex_t g_mu = PTHREAD_MUTEX_INITIALIZER; /* serializes all worker access */
+/* A small pool: actions of different models run at once, each on a worker of its own
+ * (explicit-mode loads from several client threads). Serial callers (every start-up,
+ * poll mode) always find slot 0 free, so they use one worker process, as before. */
+#define CA_MAX_WORKERS 8
+#define CA_WORKER_INIT {-1, -1, -1, NULL, 0, 0, 0, 1, -1, PTHREAD_MUTEX_INITIALIZER}
+static worker_t g_pool[CA_MAX_WORKERS] = {CA_WORKER_INIT, CA_WORKER_INIT, CA_WORKER_INIT,
+                                          CA_WORKER_INIT, CA_WORKER_INIT, CA_WORKER_INIT,
+                                          CA_WORKER_INIT, CA_WORKER_INIT};
 
 enum { RL_LINE = 1, RL_EOF = 0, RL_TIMEOUT = -1, RL_ERROR = -2 };
 
 /* Next line from the worker, NUL-terminated, valid until the next call. */
-static int read_line(char **line, double deadline) {
+static int read_line(worker_t *w, char **line, double deadline) {
   for (;;) {
-    char *start = g_w.buf + g_w.pos;
-    char *nl = g_w.len > g_w.pos ? memchr(start, '\n', g_w.len - g_w.pos) : NULL;
+    char *start = w->buf + w->pos;
+    char *nl = w->len > w->pos ? memchr(start, '\n', w->len - w->pos) : NULL;
     if (nl) {
       *nl = '\0';
-      g_w.pos = (size_t)(nl - g_w.buf) + 1;
+      w->pos = (size_t)(nl - w->buf) + 1;
       *line = start;
       return RL_LINE;
     }
-    if (g_w.pos) {
-      memmove(g_w.buf, start, g_w.len - g_w.pos);
-      g_w.len -= g_w.pos;
-      g_w.pos = 0;
+    if (w->pos) {
+      memmove(w->buf, start, w->len - w->pos);
+      w->len -= w->pos;
+      w->pos = 0;
     }
-    if (g_w.len + 1 >= g_w.cap) { /* keep room for the NUL */
-      if (g_w.cap >= MAX_LINE) return RL_ERROR;
-      size_t cap = g_w.cap ? g_w.cap * 2 : FIRST_BUF;
-      char *p = realloc(g_w.buf, cap);
+    if (w->len + 1 >= w->cap) { /* keep room for the NUL */
+      if (w->cap >= MAX_LINE) return RL_ERROR;
+      size_t cap = w->cap ? w->cap * 2 : FIRST_BUF;
+      char *p = realloc(w->buf, cap);
       if (!p) return RL_ERROR;
-      g_w.buf = p;
-      g_w.cap = cap;
+      w->buf = p;
+      w->cap = cap;
     }
     double left = deadline - now_s();
     int ms = left <= 0 ? 0 : left > 1e6 ? 1000000000 : (int)(left * 1000) + 1;
-    struct pollfd pfd = {g_w.from_fd, POLLIN, 0};
+    struct pollfd pfd = {w->from_fd, POLLIN, 0};
     int r = poll(&pfd, 1, ms);
     if (r < 0) {
       if (errno == EINTR) continue;
@@ -298,20 +318,20 @@ static int read_line(char **line, double deadline) {
       if (now_s() >= deadline) return RL_TIMEOUT;
       continue;
     }
-    ssize_t n = read(g_w.from_fd, g_w.buf + g_w.len, g_w.cap - g_w.len - 1);
+    ssize_t n = read(w->from_fd, w->buf + w->len, w->cap - w->len - 1);
     if (n < 0) {
       if (errno == EINTR || errno == EAGAIN) continue;
       return RL_ERROR;
     }
     if (n == 0) return RL_EOF;
-    g_w.len += (size_t)n;
+    w->len += (size_t)n;
   }
 }
 
 /* Write everything or fail, without ever raising SIGPIPE in Triton: SIGPIPE from a
  * pipe write is sent to the writing thread, so blocking it here and consuming a
  * pending one afterwards keeps it away from the host's handler. */
-static int write_all(const char *p, size_t n, double deadline) {
+static int write_all(worker_t *w, const char *p, size_t n, double deadline) {
   sigset_t pipe_set, old, pending;
   sigemptyset(&pipe_set);
   sigaddset(&pipe_set, SIGPIPE);
@@ -320,17 +340,17 @@ static int write_all(const char *p, size_t n, double deadline) {
   pthread_sigmask(SIG_BLOCK, &pipe_set, &old);
   int rc = RL_LINE, epipe = 0;
   while (n > 0) {
-    ssize_t w = write(g_w.to_fd, p, n);
-    if (w > 0) { p += w; n -= (size_t)w; continue; }
-    if (w < 0 && errno == EINTR) continue;
-    if (w < 0 && errno == EAGAIN) { /* pipe full: wait, but not forever */
+    ssize_t put = write(w->to_fd, p, n);
+    if (put > 0) { p += put; n -= (size_t)put; continue; }
+    if (put < 0 && errno == EINTR) continue;
+    if (put < 0 && errno == EAGAIN) { /* pipe full: wait, but not forever */
       double left = deadline - now_s();
       if (left <= 0) { rc = RL_TIMEOUT; break; }
-      struct pollfd pfd = {g_w.to_fd, POLLOUT, 0};
+      struct pollfd pfd = {w->to_fd, POLLOUT, 0};
       poll(&pfd, 1, (int)(left * 1000) + 1);
       continue;
     }
-    if (w < 0 && errno == EPIPE) { rc = RL_EOF; epipe = 1; break; }
+    if (put < 0 && errno == EPIPE) { rc = RL_EOF; epipe = 1; break; }
     rc = RL_ERROR;
     break;
   }
@@ -342,21 +362,21 @@ static int write_all(const char *p, size_t n, double deadline) {
   return rc;
 }
 
-static void worker_forget(void) {
-  if (g_w.to_fd >= 0) close(g_w.to_fd);
-  if (g_w.from_fd >= 0) close(g_w.from_fd);
-  g_w.pid = -1;
-  g_w.to_fd = g_w.from_fd = -1;
-  g_w.pos = g_w.len = 0;
+static void worker_forget(worker_t *w) {
+  if (w->to_fd >= 0) close(w->to_fd);
+  if (w->from_fd >= 0) close(w->from_fd);
+  w->pid = -1;
+  w->to_fd = w->from_fd = -1;
+  w->pos = w->len = 0;
 }
 
 /* Kill (if kill_first) or wait for the worker, reap it, describe how it ended. */
-static void worker_end(int kill_first, char *how, size_t n) {
+static void worker_end(worker_t *w, int kill_first, char *how, size_t n) {
   int status = 0;
-  if (kill_first) kill(g_w.pid, SIGKILL);
-  int reaped = reap(g_w.pid, kill_first ? 0 : 2.0, &status);
+  if (kill_first) kill(w->pid, SIGKILL);
+  int reaped = reap(w->pid, kill_first ? 0 : 2.0, &status);
   describe_status(reaped, status, how, n);
-  worker_forget();
+  worker_forget(w);
 }
 
 /* "cacheagent: " unless the worker's text already says who it is. */
@@ -427,7 +447,7 @@ static void child_exec(int in_fd, int out_fd, const char *path, char *const argv
 }
 
 /* Start a worker and wait for READY. Returns NULL or a failure message (msg_free it). */
-static char *worker_start(double idle_timeout) {
+static char *worker_start(worker_t *w, double idle_timeout) {
   char launcher[PATH_MAX + 32], agent_dir[PATH_MAX];
   if (locate_launcher(launcher, sizeof launcher, agent_dir, sizeof agent_dir) != 0)
     return msgf("cacheagent: cannot find the directory of libtritonrepoagent_cacheagent.so (dladdr failed)");
@@ -455,15 +475,15 @@ static char *worker_start(double idle_timeout) {
     return msgf("cacheagent: cannot start the worker: fork failed: %s", strerror(fork_errno));
   }
   fcntl(req[1], F_SETFL, fcntl(req[1], F_GETFL) | O_NONBLOCK); /* so writes can time out */
-  g_w.pid = pid;
-  g_w.to_fd = req[1];
-  g_w.from_fd = resp[0];
-  g_w.pos = g_w.len = 0;
+  w->pid = pid;
+  w->to_fd = req[1];
+  w->from_fd = resp[0];
+  w->pos = w->len = 0;
 
   double deadline = now_s() + idle_timeout;
   for (;;) {
     char *line = NULL;
-    int rc = read_line(&line, deadline);
+    int rc = read_line(w, &line, deadline);
     if (rc == RL_LINE) {
       if (strncmp(line, "READY", 5) == 0) {
         LOGF(CA_LOG_INFO, "cacheagent: worker pid %d started (%s)", (int)pid, line);
@@ -473,7 +493,7 @@ static char *worker_start(double idle_timeout) {
       continue;
     }
     char how[128];
-    worker_end(rc != RL_EOF, how, sizeof how);
+    worker_end(w, rc != RL_EOF, how, sizeof how);
     return msgf("cacheagent: cannot start the worker: the launcher '%s' %s before it was ready%s. "
                 "Its error output is in Triton's console. Check that the Python it runs has "
                 "cacheagent installed (or fix CACHEAGENT_PYTHON), and run "
@@ -484,47 +504,108 @@ static char *worker_start(double idle_timeout) {
 }
 
 /* Between actions: forward anything pending; notice a worker that died meanwhile. */
-static void worker_check_idle(void) {
+static void worker_check_idle(worker_t *w) {
   int status = 0;
-  pid_t r = waitpid(g_w.pid, &status, WNOHANG);
+  pid_t r = waitpid(w->pid, &status, WNOHANG);
   int rc = RL_LINE;
   char *line = NULL;
-  if (r != g_w.pid) {
-    while ((rc = read_line(&line, 0)) == RL_LINE)
+  if (r != w->pid) {
+    while ((rc = read_line(w, &line, 0)) == RL_LINE)
       if (strncmp(line, "LOG ", 4) == 0) forward_log(line + 4);
     if (rc == RL_TIMEOUT) return; /* nothing more to read: alive and idle */
   }
   char how[128];
-  if (r == g_w.pid) {
+  if (r == w->pid) {
     describe_status(1, status, how, sizeof how);
-    worker_forget();
+    worker_forget(w);
   } else {
-    worker_end(rc != RL_EOF, how, sizeof how);
+    worker_end(w, rc != RL_EOF, how, sizeof how);
   }
   LOGF(CA_LOG_WARN, "cacheagent: the worker %s while idle; starting a fresh one", how);
+}
+
+/* ---- leases: the shim holds each loaded model's lease token ---- */
+
+/* The worker reported the lease token of the snapshot it answers a LOAD with: hold a
+ * shared flock on it here too, so the lease lives as long as Triton serves the model,
+ * whatever happens to the worker. The worker still holds it, so it never looks dead. */
+static void hold_reported_lease(worker_t *w, const char *path) {
+  if (w->pending_lease >= 0) close(w->pending_lease);
+  w->pending_lease = -1;
+  int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
+  if (fd < 0) {
+    LOGF(CA_LOG_WARN, "cacheagent: cannot open the lease token '%s' (%s); the lease ends with "
+         "the worker process", path, strerror(errno));
+    return;
+  }
+  /* A cleaner's liveness probe locks it exclusively for microseconds: retry, for 1 s at most. */
+  for (int tries = 0; flock(fd, LOCK_SH | LOCK_NB) != 0; tries++) {
+    if ((errno != EWOULDBLOCK && errno != EINTR) || tries >= 200) {
+      LOGF(CA_LOG_WARN, "cacheagent: cannot lock the lease token '%s' (%s); the lease ends with "
+           "the worker process", path, strerror(errno));
+      close(fd);
+      return;
+    }
+    struct timespec ts = {0, 5 * 1000 * 1000};
+    nanosleep(&ts, NULL);
+  }
+  w->pending_lease = fd;
+}
+
+/* A model's lease fd lives in its Triton model state, stored as fd + 1 (0: none). */
+static int model_lease_fd(TRITONREPOAGENT_AgentModel *model) {
+  void *state = NULL;
+  TRITONSERVER_Error *err = TRITONREPOAGENT_ModelState(model, &state);
+  if (err) {
+    TRITONSERVER_ErrorDelete(err);
+    return -1;
+  }
+  return (int)(intptr_t)state - 1;
+}
+
+static void model_drop_lease(TRITONREPOAGENT_AgentModel *model) {
+  int fd = model_lease_fd(model);
+  if (fd < 0) return;
+  close(fd); /* the lease ends here unless the worker still holds it too */
+  TRITONSERVER_Error *err = TRITONREPOAGENT_ModelSetState(model, NULL);
+  if (err) TRITONSERVER_ErrorDelete(err);
+}
+
+static void model_keep_lease(TRITONREPOAGENT_AgentModel *model, int fd) {
+  model_drop_lease(model); /* a model reloaded without an unload keeps one lease only */
+  if (fd < 0) return;
+  TRITONSERVER_Error *err = TRITONREPOAGENT_ModelSetState(model, (void *)(intptr_t)(fd + 1));
+  if (err) {
+    LOGF(CA_LOG_WARN, "cacheagent: cannot keep the model's lease token: %s",
+         TRITONSERVER_ErrorMessage(err));
+    TRITONSERVER_ErrorDelete(err);
+    close(fd);
+  }
 }
 
 typedef enum { RES_OK, RES_ERR, RES_FAIL } result_t;
 
 /* One request/answer exchange. *text: the payload of OK/ERR, or the failure message. */
-static result_t worker_request(sbuf *req, const char *action, const char *location, char **text) {
+static result_t worker_request(worker_t *w, sbuf *req, const char *action, const char *location,
+                               char **text) {
   double idle = env_seconds("CACHEAGENT_WORKER_IDLE_TIMEOUT", 60);
   double limit = env_seconds("CACHEAGENT_WORKER_ACTION_TIMEOUT", 3600);
-  if (g_w.pid > 0) worker_check_idle();
-  if (g_w.pid <= 0) {
-    char *err = worker_start(idle);
+  if (w->pid > 0) worker_check_idle(w);
+  if (w->pid <= 0) {
+    char *err = worker_start(w, idle);
     if (err) { *text = err; return RES_FAIL; }
   }
-  pid_t pid = g_w.pid;
+  pid_t pid = w->pid;
   double t0 = now_s(), action_deadline = t0 + limit, idle_deadline = t0 + idle;
-  int rc = write_all(req->p, req->len, idle_deadline < action_deadline ? idle_deadline : action_deadline);
+  int rc = write_all(w, req->p, req->len, idle_deadline < action_deadline ? idle_deadline : action_deadline);
   while (rc == RL_LINE) {
     char *line = NULL;
-    rc = read_line(&line, idle_deadline < action_deadline ? idle_deadline : action_deadline);
+    rc = read_line(w, &line, idle_deadline < action_deadline ? idle_deadline : action_deadline);
     if (rc != RL_LINE) break;
     idle_deadline = now_s() + idle;
     if (strcmp(line, "HB") == 0 || strncmp(line, "READY", 5) == 0) continue;
     if (strncmp(line, "LOG ", 4) == 0) { forward_log(line + 4); continue; }
+    if (strncmp(line, "LEASE ", 6) == 0) { hold_reported_lease(w, line + 6); continue; }
     int ok = strncmp(line, "OK", 2) == 0 && (line[2] == ' ' || line[2] == '\0');
     int bad = strncmp(line, "ERR", 3) == 0 && (line[3] == ' ' || line[3] == '\0');
     if (ok || bad) {
@@ -536,23 +617,23 @@ static result_t worker_request(sbuf *req, const char *action, const char *locati
   }
   char how[128];
   if (rc == RL_EOF) {
-    worker_end(0, how, sizeof how);
+    worker_end(w, 0, how, sizeof how);
     *text = msgf("cacheagent: the worker process (pid %d) %s while handling %s for model location "
                  "'%s'. Its error output is in Triton's console. The next action starts a fresh worker.",
                  (int)pid, how, action, location);
   } else if (rc == RL_TIMEOUT && now_s() >= action_deadline) {
-    worker_end(1, how, sizeof how);
+    worker_end(w, 1, how, sizeof how);
     *text = msgf("cacheagent: the worker process (pid %d) did not finish %s for model location '%s' "
                  "within %g s (CACHEAGENT_WORKER_ACTION_TIMEOUT); it was killed. "
                  "The next action starts a fresh worker.", (int)pid, action, location, limit);
   } else if (rc == RL_TIMEOUT) {
-    worker_end(1, how, sizeof how);
+    worker_end(w, 1, how, sizeof how);
     *text = msgf("cacheagent: the worker process (pid %d) sent nothing for %g s "
                  "(CACHEAGENT_WORKER_IDLE_TIMEOUT) while handling %s for model location '%s': it is "
                  "hung or stopped, and was killed. The next action starts a fresh worker.",
                  (int)pid, idle, action, location);
   } else {
-    worker_end(1, how, sizeof how);
+    worker_end(w, 1, how, sizeof how);
     *text = msgf("cacheagent: lost the connection to the worker process (pid %d) while handling %s "
                  "for model location '%s' (I/O error or oversized line); it was killed. "
                  "The next action starts a fresh worker.", (int)pid, action, location);
@@ -561,10 +642,10 @@ static result_t worker_request(sbuf *req, const char *action, const char *locati
 }
 
 /* The request line for one action (see the protocol at the top). */
-static void build_request(sbuf *b, TRITONREPOAGENT_Agent *agent, TRITONREPOAGENT_AgentModel *model,
+static void build_request(worker_t *w, sbuf *b, TRITONREPOAGENT_Agent *agent, TRITONREPOAGENT_AgentModel *model,
                           const char *action, TRITONREPOAGENT_ArtifactType atype, const char *location) {
   char num[96];
-  snprintf(num, sizeof num, "{\"id\": %llu, \"action\": ", g_w.next_id++);
+  snprintf(num, sizeof num, "{\"id\": %llu, \"action\": ", w->next_id++);
   sb_puts(b, num);
   sb_json_str(b, action);
   sb_puts(b, ", \"artifact_type\": ");
@@ -633,23 +714,47 @@ CA_EXPORT TRITONSERVER_Error *TRITONREPOAGENT_Initialize(TRITONREPOAGENT_Agent *
   return NULL;
 }
 
-CA_EXPORT TRITONSERVER_Error *TRITONREPOAGENT_Finalize(TRITONREPOAGENT_Agent *agent) {
-  (void)agent;
-  pthread_mutex_lock(&g_mu);
-  if (g_w.pid > 0) {
-    pid_t pid = g_w.pid;
-    close(g_w.to_fd); /* EOF on its stdin: the worker exits on its own */
-    g_w.to_fd = -1;
+/* How many workers actions may use at once: CACHEAGENT_WORKERS (1 makes them serial). */
+static int pool_size(void) {
+  double n = env_seconds("CACHEAGENT_WORKERS", 4);
+  return n < 1 ? 1 : n > CA_MAX_WORKERS ? CA_MAX_WORKERS : (int)n;
+}
+
+/* A free worker slot, locked: an action never waits behind another model's action
+ * while a slot is free. With every slot busy it waits for one, and says so. */
+static worker_t *acquire_worker(const char *action, const char *location) {
+  static unsigned turn = 0;
+  int n = pool_size();
+  for (int i = 0; i < n; i++)
+    if (pthread_mutex_trylock(&g_pool[i].mu) == 0) return &g_pool[i];
+  worker_t *w = &g_pool[__atomic_fetch_add(&turn, 1, __ATOMIC_RELAXED) % (unsigned)n];
+  LOGF(CA_LOG_INFO, "cacheagent: %s of '%s' waits: all %d workers are busy with other models "
+       "(CACHEAGENT_WORKERS)", action, location, n);
+  pthread_mutex_lock(&w->mu);
+  return w;
+}
+
+static void worker_stop(worker_t *w) {
+  pthread_mutex_lock(&w->mu);
+  if (w->pid > 0) {
+    pid_t pid = w->pid;
+    close(w->to_fd); /* EOF on its stdin: the worker exits on its own */
+    w->to_fd = -1;
     int status = 0;
     char how[128];
     describe_status(reap(pid, 5.0, &status), status, how, sizeof how);
-    worker_forget();
+    worker_forget(w);
     LOGF(CA_LOG_VERBOSE, "cacheagent: worker pid %d stopped: %s", (int)pid, how);
   }
-  free(g_w.buf); /* Triton dlcloses us after Finalize: leave nothing behind */
-  g_w.buf = NULL;
-  g_w.cap = 0;
-  pthread_mutex_unlock(&g_mu);
+  free(w->buf); /* Triton dlcloses us after Finalize: leave nothing behind */
+  w->buf = NULL;
+  w->cap = 0;
+  pthread_mutex_unlock(&w->mu);
+}
+
+CA_EXPORT TRITONSERVER_Error *TRITONREPOAGENT_Finalize(TRITONREPOAGENT_Agent *agent) {
+  (void)agent;
+  for (int i = 0; i < CA_MAX_WORKERS; i++) worker_stop(&g_pool[i]);
   return NULL;
 }
 
@@ -676,19 +781,17 @@ CA_EXPORT TRITONSERVER_Error *TRITONREPOAGENT_ModelAction(TRITONREPOAGENT_Agent 
   sbuf req = {NULL, 0, 0, 0};
   char *text = NULL;
   result_t res;
-  if (pthread_mutex_trylock(&g_mu) != 0) {
-    /* Only explicit-mode loads from several client threads get here. */
-    LOGF(CA_LOG_VERBOSE, "cacheagent: %s of '%s' waits for another model's action", action, location);
-    pthread_mutex_lock(&g_mu);
-  }
-  build_request(&req, agent, model, action, atype, location);
+  worker_t *w = acquire_worker(action, location);
+  build_request(w, &req, agent, model, action, atype, location);
   if (req.oom) {
     res = RES_FAIL;
     text = msgf("cacheagent: out of memory building the %s request", action);
   } else {
-    res = worker_request(&req, action, location, &text);
+    res = worker_request(w, &req, action, location, &text);
   }
-  pthread_mutex_unlock(&g_mu);
+  int lease_fd = w->pending_lease; /* reported by this LOAD's worker, if any */
+  w->pending_lease = -1;
+  pthread_mutex_unlock(&w->mu);
   free(req.p);
 
   TRITONSERVER_Error *result = NULL;
@@ -696,6 +799,10 @@ CA_EXPORT TRITONSERVER_Error *TRITONREPOAGENT_ModelAction(TRITONREPOAGENT_Agent 
     if (is_load && text[0]) {
       LOGF(CA_LOG_VERBOSE, "cacheagent: %s: loading from %s", location, text);
       result = TRITONREPOAGENT_ModelRepositoryUpdate(agent, model, CA_ARTIFACT_FILESYSTEM, text);
+      if (!result) {
+        model_keep_lease(model, lease_fd);
+        lease_fd = -1;
+      }
     }
   } else {
     char *msg = msgf("%s%s", prefix_for(text), text);
@@ -706,6 +813,16 @@ CA_EXPORT TRITONSERVER_Error *TRITONREPOAGENT_ModelAction(TRITONREPOAGENT_Agent 
     }
     msg_free(msg);
   }
+  if (lease_fd >= 0) close(lease_fd); /* the LOAD did not succeed: nothing to hold */
+  if (action_type == CA_ACTION_LOAD_FAIL || action_type == CA_ACTION_UNLOAD_COMPLETE)
+    model_drop_lease(model); /* after the worker released it: the snapshot may go now */
   msg_free(text);
   return result;
+}
+
+CA_EXPORT TRITONSERVER_Error *TRITONREPOAGENT_ModelFinalize(TRITONREPOAGENT_Agent *agent,
+                                                            TRITONREPOAGENT_AgentModel *model) {
+  (void)agent;
+  model_drop_lease(model); /* normally gone at UNLOAD_COMPLETE already */
+  return NULL;
 }
