@@ -63,7 +63,7 @@ class FsspecBackend:
 
         def attempt() -> bool:
             try:
-                self.fs.pipe_file(self._path(key), data, mode="create")
+                self.fs.pipe_file(self._path(key), _as_bytes(data), mode="create")
             except Exception as exc:
                 if _lost_race(exc):
                     return False
@@ -77,7 +77,7 @@ class FsspecBackend:
 
         def attempt() -> None:
             try:
-                self.fs.pipe_file(self._path(key), data)
+                self.fs.pipe_file(self._path(key), _as_bytes(data))
             except Exception as exc:
                 raise self._translate(exc, f"PUT {key}") from exc
 
@@ -112,3 +112,8 @@ def _lost_race(exc: BaseException) -> bool:
         return True
     diagnosis = classify(exc)
     return diagnosis.kind == CHANGED and diagnosis.status in (409, 412)
+
+
+def _as_bytes(data: bytes) -> bytes:
+    # Ranged reads hand over bytearrays; the Azure SDK's upload takes only bytes.
+    return data if type(data) is bytes else bytes(data)

@@ -59,8 +59,8 @@ from cacheagent.settings import (
     parse_value,
 )
 from cacheagent.triton import tritonargs
+from cacheagent.triton.config import AGENT_NAME
 from cacheagent.triton.install import (
-    AGENT_NAME,
     LAUNCHER_NAME,
     LIBRARY_NAME,
     install_triton,
@@ -221,7 +221,7 @@ def parse_run_args(argv: Sequence[str], env: Mapping[str, str] | None = None) ->
     if not command:
         raise UsageError(f"no command after '--'; e.g. {EXAMPLE}")
     parser = build_parser()
-    parser.error = _raise_usage  # type: ignore[method-assign]
+    parser.error = _raise_usage  # type: ignore[method-assign,assignment]
     args = parser.parse_args(own)
     params = dict(args.param)
     if "source" in params:

@@ -84,8 +84,8 @@ def version_dirs(files: Iterable[str], dirs: Iterable[str] = ()) -> list[str]:
     """
     tops = {f.split("/", 1)[0] for f in files if "/" in f}
     tops |= {d.split("/", 1)[0] for d in dirs if d}
-    numbered = {top: version_of(top) for top in tops}
-    return sorted((t for t, v in numbered.items() if v is not None), key=lambda t: numbered[t])
+    numbered = {top: v for top in tops if (v := version_of(top)) is not None}
+    return sorted(numbered, key=numbered.__getitem__)
 
 
 def policy_choice(policy: Mapping[str, Any] | None) -> tuple[str, int | frozenset[int] | None]:

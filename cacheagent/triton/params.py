@@ -10,6 +10,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cacheagent.errors import InvalidLocationError, InvalidParameterError
 from cacheagent.remote.location import ACCEPTED_FORMS, parse_location
@@ -89,7 +90,7 @@ def parse_params(
         env=env,
         where=lambda name: f"model '{model}': cacheagent parameter '{name}'",
     )
-    triton = {
+    triton: dict[str, Any] = {
         key: _parse_triton_only(key, str(text).strip(), model, env)
         for key, text in raw.items()
         if key in _TRITON_ONLY
