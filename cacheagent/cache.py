@@ -210,10 +210,11 @@ class Cache:
         started = time.monotonic() if started is None else started
         call = _Call(settings or self.defaults, self.budget(settings), selection or "all")
         loc = self.parse(location)
-        fs = None  # built on a miss only: a hit lists without importing the SDK
         model = model or os.path.basename(loc.root.rstrip("/"))
         try:
-            manifest = listed() if listed else list_manifest(loc, fs, select, call.settings.timeout)
+            manifest = (
+                listed() if listed else list_manifest(loc, None, select, call.settings.timeout)
+            )
         except StorageUnavailableError as exc:
             stale = self._stale_snapshot(loc, lease, started, exc, call)
             if stale is None:
@@ -231,12 +232,12 @@ class Cache:
                     return snapshot
                 try:
                     return self._build(
-                        loc, fs, manifest, model, lease, started, progress, on_plan, call
+                        loc, manifest, model, lease, started, progress, on_plan, call
                     )
                 except RemoteChangedError:
                     if attempt == 1:
                         raise
-            manifest = list_manifest(loc, fs, select, call.settings.timeout)
+            manifest = list_manifest(loc, None, select, call.settings.timeout)
             self._check_budget(manifest, loc, call.budget)
         raise AssertionError("unreachable")
 
@@ -358,7 +359,6 @@ class Cache:
     def _build(
         self,
         loc: Location,
-        fs,  # type: ignore[no-untyped-def]
         manifest: Manifest,
         model: str,
         lease: LeaseSpec | None,
@@ -390,7 +390,7 @@ class Cache:
                 )
                 from_tier += tier_bytes
             if missing:
-                self._confirm_unchanged(loc, fs, manifest)
+                self._confirm_unchanged(loc, manifest, call.settings.timeout)
             for entry in missing:
                 self.index.remember_blob(_content_id(loc, entry), fetched[entry.path])
             digests.update(fetched)
@@ -527,11 +527,11 @@ class Cache:
                 missing.append(entry)
         return held, missing
 
-    def _confirm_unchanged(self, loc: Location, fs, manifest: Manifest) -> None:  # type: ignore[no-untyped-def]
+    def _confirm_unchanged(self, loc: Location, manifest: Manifest, timeout: float) -> None:
         # One more listing catches an object replaced while we downloaded it, so
         # a snapshot never mixes old and new files (or parts of them).
         before = manifest.by_path()
-        now = list_manifest(loc, fs, lambda paths: set(paths) & set(before))
+        now = list_manifest(loc, None, lambda paths: set(paths) & set(before), timeout)
         changed = sorted(
             path
             for path, entry in now.by_path().items()

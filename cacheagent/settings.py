@@ -35,8 +35,8 @@ SHARED_CACHE_ENV = "CACHEAGENT_SHARED_CACHE"
 # Parallelism adapts to the link (see cacheagent.remote.transfer); ``concurrency``
 # is its cap. 8 MiB parts amortise a request's latency on any link while a part
 # still arrives within seconds on a slow one.
-DEFAULT_CONCURRENCY = 32
-MAX_CONCURRENCY = 128
+DEFAULT_CONCURRENCY = 128
+MAX_CONCURRENCY = 256
 DEFAULT_PART_SIZE = 8 * 1024 * 1024
 MIN_PART_SIZE = 1024 * 1024
 MAX_PART_SIZE = 1024**3

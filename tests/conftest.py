@@ -35,9 +35,20 @@ if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
 from harness.emulators import Azurite, FakeGcs, MotoS3, StorageRig  # noqa: E402
+from harness.seaweed import SeaweedS3  # noqa: E402
 
 _EMULATOR_FIXTURES = frozenset(
-    {"moto_server", "gcs_server", "azurite_server", "s3_rig", "gcs_rig", "azure_rig", "rig"}
+    {
+        "moto_server",
+        "gcs_server",
+        "azurite_server",
+        "seaweed_server",
+        "s3_rig",
+        "gcs_rig",
+        "azure_rig",
+        "seaweed_rig",
+        "rig",
+    }
 )
 _RIG_FOR_CLOUD = {"s3": "s3_rig", "gs": "gcs_rig", "as": "azure_rig"}
 
@@ -70,12 +81,19 @@ def azurite_server() -> Iterator[Azurite]:
         yield emulator
 
 
-def _rig(emulator: MotoS3 | FakeGcs | Azurite) -> Iterator[StorageRig]:
+@pytest.fixture(scope="session")
+def seaweed_server() -> Iterator[SeaweedS3]:
+    """A SeaweedFS S3 gateway for the whole session: ranges cost what they hold."""
+    with SeaweedS3() as emulator:
+        yield emulator
+
+
+def _rig(emulator: MotoS3 | FakeGcs | Azurite | SeaweedS3) -> Iterator[StorageRig]:
     # A test may have stopped the shared emulator and failed before
     # restarting it; make sure the next test gets a running one.
     if not emulator.running:
         emulator.start()
-    with StorageRig(emulator) as storage_rig:
+    with StorageRig(emulator) as storage_rig:  # type: ignore[arg-type]
         yield storage_rig
 
 
@@ -83,6 +101,12 @@ def _rig(emulator: MotoS3 | FakeGcs | Azurite) -> Iterator[StorageRig]:
 def s3_rig(moto_server: MotoS3) -> Iterator[StorageRig]:
     """A fresh S3 bucket behind a fresh counting proxy."""
     yield from _rig(moto_server)
+
+
+@pytest.fixture
+def seaweed_rig(seaweed_server: SeaweedS3) -> Iterator[StorageRig]:
+    """A fresh bucket on SeaweedFS, a range-efficient S3 origin, behind a fresh proxy."""
+    yield from _rig(seaweed_server)
 
 
 @pytest.fixture

@@ -129,6 +129,11 @@ class BlobWriter:
             return hashed, self.complete and not was_complete
 
     @property
+    def hashed_bytes(self) -> int:
+        """Bytes from the start of the blob that have been hashed (and are no longer held)."""
+        return self._hashed_upto
+
+    @property
     def complete(self) -> bool:
         """True once every byte has arrived and been hashed."""
         return self._hashed_upto == self.size

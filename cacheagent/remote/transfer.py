@@ -1,11 +1,14 @@
 """Download the files a snapshot is missing, concurrently, hashing as bytes arrive.
 
-Every file is cut into ranged parts of ``part_size`` bytes (a small file is
-one part). One pool of ``concurrency`` threads fetches parts of all files at
-once, so many small files and one large file both keep the link full. A
-window of tokens bounds the parts held in memory: a token is taken before a
-part is requested and given back only once the part has been hashed, so
-memory stays below ``window * part_size`` whatever the file sizes.
+Every file is cut into ranged parts (a small file is one part), and parts of
+all files are fetched at once, so many small files and one large file both keep
+the link full. How many requests run at once adapts to the link
+(:mod:`cacheagent.remote.pacing`): it starts small and doubles while the bytes
+per second keep growing, up to ``concurrency``. Every download to one storage
+endpoint in a process shares that number and one memory budget (a LOAD and the
+prefetch of its siblings fill the link together, not each on its own). Memory is
+taken before a part is requested and given back once the part is hashed, so it
+stays bounded whatever the file sizes and the number of downloads.
 
 Each ranged read is one storage operation with its own ``timeout`` (retries
 included, see :mod:`cacheagent.remote.listing`). A server that ignores Range
@@ -27,7 +30,8 @@ from cacheagent.local.store import BlobWriter, Store
 from cacheagent.remote.listing import WholeObject, read_part
 from cacheagent.remote.location import Location
 from cacheagent.remote.manifest import FileEntry
-from cacheagent.settings import DEFAULT_TIMEOUT
+from cacheagent.remote.pacing import Link, link_for, part_size_for
+from cacheagent.settings import DEFAULT_CONCURRENCY, DEFAULT_PART_SIZE, DEFAULT_TIMEOUT
 
 if TYPE_CHECKING:  # a hit never needs a pool (see download)
     from concurrent.futures import Future
@@ -36,34 +40,19 @@ _log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int], None]
 
-# Defaults. Real object stores give roughly 50-100 MB/s per connection and
-# tens of ms per request, so 8 concurrent 8 MiB parts keep about 8 requests'
-# worth of latency hidden and fill a multi-Gbit link, while holding at most
-# 2 * 8 * 8 MiB = 128 MiB of parts in memory.
-DEFAULT_CONCURRENCY = 8
-DEFAULT_PART_SIZE = 8 * 1024 * 1024
-WINDOW_BYTES = 256 * 1024 * 1024
-
-
 @dataclass(frozen=True)
 class FetchSettings:
-    """How hard to pull: parallel requests, the size of each ranged part, and how long
-    one ranged read may take in all (seconds, retries included)."""
+    """How hard to pull: the cap on parallel requests, the largest ranged part, and
+    how long one ranged read may take in all (seconds, retries included)."""
 
     concurrency: int = DEFAULT_CONCURRENCY
     part_size: int = DEFAULT_PART_SIZE
     timeout: float = DEFAULT_TIMEOUT
 
     @property
-    def window(self) -> int:
-        """Parts that may be in flight or waiting to be hashed at once.
-
-        Twice the concurrency keeps every connection busy while earlier parts
-        wait to be hashed, but never more than WINDOW_BYTES of parts: with big
-        parts and high concurrency, 2 x 16 x 32 MiB measured 824 MiB of RSS.
-        """
-        by_memory = max(1, WINDOW_BYTES // self.part_size)
-        return max(self.concurrency, min(2 * self.concurrency, by_memory))
+    def part_bytes(self) -> int:
+        """The size of each ranged part: smaller as the cap grows (one memory budget)."""
+        return part_size_for(self.concurrency, self.part_size)
 
 
 @dataclass
@@ -93,9 +82,9 @@ class _Part:
 class _Download:
     """One run of :func:`download`: shared state between the pool's threads.
 
-    Memory is bounded by tokens: a token is taken before a part is requested
-    and given back once the part is hashed. Chunks of a whole-object answer are
-    written in order, so each is hashed at once and holds no token of its own.
+    Memory is bounded by the link's budget: a part's bytes are taken before it
+    is requested and given back once they are hashed. Chunks of a whole-object
+    answer are written in order, so each is hashed at once and holds nothing.
     """
 
     def __init__(
@@ -107,14 +96,16 @@ class _Download:
     ) -> None:
         self.location, self.store = location, store
         self.settings, self.progress = settings, progress
-        self.tokens = threading.Semaphore(settings.window)
+        self.part_size = settings.part_bytes
+        self.link: Link = link_for(_endpoint(location))
         self.failed = threading.Event()
+        self.held = 0  # bytes of the link's memory this download holds
         self.digests: dict[str, str] = {}
         self.writers: list[BlobWriter] = []
         self.lock = threading.Lock()
 
     def parts(self, entries: list[FileEntry]) -> Iterator[_Part]:
-        part_size = self.settings.part_size
+        part_size = self.part_size
         for entry in entries:
             writer = self.store.new_blob(entry.size)
             with self.lock:
@@ -127,54 +118,61 @@ class _Download:
                 yield _Part(file, start, min(start + part_size, entry.size))
 
     def fetch_part(self, part: _Part) -> None:
+        size = part.end - part.start
         if self.failed.is_set() or part.file.streaming:
-            self.tokens.release()
+            self.link.request_done(None)
+            self.free(size)
             return
         entry = part.file.entry
+        delivered: int | None = None
         try:
             got = read_part(
                 self.location, entry.path, part.start, part.end, entry.size, self.settings.timeout
             )
             if isinstance(got, WholeObject):
-                self.stream(part.file, got)
+                self.stream(part.file, got, size)
                 return
-            self.store_part(part.file, part.start, got, holds_token=True)
+            delivered = len(got)
+            self.store_part(part.file, part.start, got, holds_memory=True)
         except BaseException:
             self.failed.set()
-            self.tokens.release()
+            self.free(size)
             raise
+        finally:
+            self.link.request_done(delivered)
 
-    def store_part(self, file: _File, offset: int, data: bytes, *, holds_token: bool) -> None:
-        """Write one part unless it is already in the blob; free the tokens hashing frees."""
+    def store_part(self, file: _File, offset: int, data: bytes, *, holds_memory: bool) -> None:
+        """Write one part unless it is already in the blob; free the memory hashing frees."""
         with file.lock:
             if offset in file.claimed:
-                if holds_token:
-                    self.tokens.release()
+                if holds_memory:
+                    self.free(len(data))
                 return
             file.claimed.add(offset)
-            hashed, done = file.writer.write(offset, data)
-        # Parts still waiting to be hashed keep their token: that is the memory bound.
-        # A chunk of a whole-object answer is hashed at once and never held a token.
-        for _ in range(hashed if holds_token else hashed - 1):
-            self.tokens.release()
+            before = file.writer.hashed_bytes
+            _hashed, done = file.writer.write(offset, data)
+            freed = file.writer.hashed_bytes - before
+        # Parts still waiting to be hashed keep their memory: that is the bound. A
+        # chunk of a whole-object answer is hashed at once and never held any.
+        self.free(freed if holds_memory else freed - len(data))
         if self.progress:
             self.progress(len(data))
         if done:
             self.finish(file.entry, file.writer)
 
-    def stream(self, file: _File, whole: WholeObject) -> None:
+    def stream(self, file: _File, whole: WholeObject, held: int) -> None:
         """Fill ``file``'s blob from one whole-object answer, a part's worth at a time.
 
-        Runs on the part's thread and keeps its token until the end (the caller
-        releases it on failure). Parts that other threads already wrote are read
-        past; the stream stops as soon as the blob is complete.
+        Runs on the part's thread and keeps the part's memory (``held`` bytes)
+        until the end (the caller frees it on failure). Parts that other threads
+        already wrote are read past; the stream stops once the blob is complete.
         """
-        entry, part_size = file.entry, self.settings.part_size
+        entry, part_size = file.entry, self.part_size
         with file.lock:
             already, file.streaming = file.streaming, True
         if already:  # another thread streams this file: drop this answer unread
             whole.close()
-            self.tokens.release()
+            self.free(held)
             return
         try:
             _log.warning(
@@ -187,16 +185,43 @@ class _Download:
                 if self.failed.is_set() or file.writer.complete:
                     break
                 data = whole.read(min(part_size, entry.size - offset), self.settings.timeout)
-                self.store_part(file, offset, data, holds_token=False)
+                self.store_part(file, offset, data, holds_memory=False)
         finally:
             whole.close()
-        self.tokens.release()
+        self.free(held)
 
     def finish(self, entry: FileEntry, writer: BlobWriter) -> None:
         digest = writer.commit()
         with self.lock:
             self.digests[entry.path] = digest
             self.writers.remove(writer)
+
+    def take(self, nbytes: int) -> bool:
+        """Wait for a request slot and ``nbytes`` of memory on the shared link."""
+        if not self.link.acquire(nbytes, self.failed):
+            return False
+        with self.lock:
+            self.held += nbytes
+        return True
+
+    def free(self, nbytes: int) -> None:
+        """Give back memory this download held (a part hashed or dropped)."""
+        with self.lock:
+            nbytes = min(nbytes, self.held)
+            self.held -= nbytes
+        if nbytes > 0:
+            self.link.release_bytes(nbytes)
+
+    def settle(self, futures: list[Future[None]]) -> None:
+        """After the pool is done: free the slots of parts never run, and all memory left.
+
+        The link outlives this download (the next one shares it), so nothing a
+        failed or cancelled part took may stay taken.
+        """
+        for future in futures:
+            if future.cancelled():
+                self.link.request_done(None)
+        self.free(self.held)
 
     def abort(self) -> None:
         with self.lock:
@@ -223,31 +248,38 @@ def download(
     from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
     futures: list[Future[None]] = []
-    with ThreadPoolExecutor(
-        run.settings.concurrency, thread_name_prefix="cacheagent-fetch"
-    ) as pool:
-        try:
-            for part in run.parts(ordered):
-                if part.file.streaming:
-                    continue  # one whole-object answer is filling this file
-                while not run.tokens.acquire(timeout=0.2):
-                    if run.failed.is_set():
+    cap = run.settings.concurrency
+    run.link.begin(cap)
+    try:
+        with ThreadPoolExecutor(cap, thread_name_prefix="cacheagent-fetch") as pool:
+            try:
+                for part in run.parts(ordered):
+                    if part.file.streaming:
+                        continue  # one whole-object answer is filling this file
+                    if not run.take(part.end - part.start):
                         break
+                    futures.append(pool.submit(run.fetch_part, part))
+                wait(futures, return_when=FIRST_EXCEPTION)
+            except BaseException:
+                # E.g. creating a temp blob failed (disk out of inodes): let the parts in
+                # flight stop, then drop every partial blob, or their files and fds leak.
+                run.failed.set()
+                pool.shutdown(wait=True, cancel_futures=True)
+                run.abort()
+                raise
+            finally:
                 if run.failed.is_set():
-                    break
-                futures.append(pool.submit(run.fetch_part, part))
-            wait(futures, return_when=FIRST_EXCEPTION)
-        except BaseException:
-            # E.g. creating a temp blob failed (disk out of inodes): let the parts in
-            # flight stop, then drop every partial blob, or their files and fds leak.
-            run.failed.set()
-            pool.shutdown(wait=True, cancel_futures=True)
-            run.abort()
-            raise
-        finally:
-            if run.failed.is_set():
-                for future in futures:
-                    future.cancel()
+                    for future in futures:
+                        future.cancel()
+    finally:
+        run.settle(futures)
+        run.link.end()
+    _log.debug(
+        "fetched %d file(s) of %s with up to %d requests in flight",
+        len(entries),
+        location.url,
+        run.link.limit.peak,
+    )
     errors = [f.exception() for f in futures if not f.cancelled() and f.exception()]
     if errors or run.failed.is_set():
         run.abort()
@@ -255,3 +287,8 @@ def download(
             raise errors[0]  # type: ignore[misc]
         raise RuntimeError("download aborted")
     return run.digests
+
+
+def _endpoint(location: Location) -> str:
+    """What downloads share a link by: the storage host or bucket of a location."""
+    return "/".join(location.url.split("/")[:3])

@@ -45,10 +45,9 @@ import xxhash
 
 from cacheagent.errors import CacheAgentError
 from cacheagent.local.atomic import fsync_dir, write_text_atomically
-from cacheagent.remote.listing import LIST_RETRY_DELAYS, read_file, with_retries
+from cacheagent.remote.listing import LIST_RETRY_DELAYS, list_tree, read_file
 from cacheagent.remote.location import Location
 from cacheagent.remote.manifest import build_manifest
-from cacheagent.remote.s3 import fast_find
 from cacheagent.triton.config import CONFIG_FILE
 from cacheagent.triton.startlisting import portable_info
 from cacheagent.triton.stub import stub_config
@@ -112,18 +111,10 @@ def list_repository(repository: Location) -> RepositoryListing:
     Raises the package's storage errors (:func:`cacheagent.remote.listing.with_retries`).
     """
     listed_at = time.time()
-    found = fast_find(repository) if repository.scheme == "s3" else None
-    if found is None:
-        fs = repository.filesystem()
-
-        def listing() -> dict[str, dict[str, Any]]:
-            # The same listing the agent makes of one model (list_manifest), of the
-            # whole repository: the entries below a model directory are then exactly
-            # those the agent's own listing of that model would give.
-            fs.invalidate_cache()
-            return fs.find(repository.root, detail=True, withdirs=repository.scheme == "as")
-
-        found = with_retries(listing, repository, "list", LIST_RETRY_DELAYS)
+    # The one tree listing the agent makes of one model (list_manifest), here of the
+    # whole repository: the entries below a model directory are then exactly those
+    # the agent's own listing of that model would give.
+    found = list_tree(repository, delays=LIST_RETRY_DELAYS)
     return split_by_model(repository, found, listed_at)
 
 

@@ -431,7 +431,11 @@ def test_load_unload_cycles_over_budget_leak_nothing(
         peak = max(peak, store.blob_bytes())
         if cycle == 20:  # after warm-up: imports, SQLite handles, connection pools
             warm_fds, warm_rss = fd_count(worker), rss_kib(worker)
-    assert server.worker_pids() == [worker], "the worker was replaced during the cycles"
+    # An UNLOAD_COMPLETE still running when the next LOAD comes may start a second
+    # worker of the pool; none may die or be replaced.
+    pids = server.worker_pids()
+    assert worker in pids and len(pids) <= 4, pids
+    assert "starting a fresh one" not in server.log_text(), "a worker was replaced"
     end_fds, end_rss = fd_count(worker), rss_kib(worker)
     print(f"worker fds {warm_fds}->{end_fds}, VmRSS {warm_rss}->{end_rss} KiB, peak {peak} B")
 

@@ -268,15 +268,13 @@ def probe_problems(container: Doc) -> list[str]:
 
 
 def host_pid_problems(pod: Doc) -> list[str]:
-    """A pod that opens the node's hostPath cache must share the host's PID namespace.
+    """No pod needs the host's PID namespace, so none may take it.
 
-    The cache judges whether a temp file's writer or a lease's holder still runs by
-    its pid, looked up in the caller's own PID namespace; pods sharing one node cache
-    only agree on pids in the host's.
+    Liveness in the cache is by flock-held token files, which work across PID
+    namespaces; hostPID would only cost isolation.
     """
-    host_cache = [v for v in pod.get("volumes", []) if v.get("hostPath", {}).get("path")]
-    if any(is_cache_volume(v) for v in host_cache) and pod.get("hostPID") is not True:
-        return ["the pod opens the node's hostPath cache without hostPID: true"]
+    if pod.get("hostPID"):
+        return ["the pod takes hostPID, which the cache does not need"]
     return []
 
 
@@ -519,7 +517,7 @@ def test_launcher_check_reports_triton_run_directly() -> None:
 
 
 def test_mount_probe_and_host_pid_checks_report_breakage() -> None:
-    """An undefined volume, a probe on the wrong path, a missing hostPID are each reported."""
+    """An undefined volume, a probe on the wrong path, a needless hostPID are each reported."""
     pod = pod_spec(deployment())
     pod["containers"][0]["volumeMounts"][0]["name"] = "no-such-volume"
     assert mount_problems(pod) == ["tritonserver: mounts undefined volume 'no-such-volume'"]
@@ -529,7 +527,7 @@ def test_mount_probe_and_host_pid_checks_report_breakage() -> None:
         "livenessProbe checks /healthz on 8000, not /v2/health/live"
     ]
     pod = pod_spec(daemonset())
-    del pod["hostPID"]
+    pod["hostPID"] = True
     assert host_pid_problems(pod)
 
 

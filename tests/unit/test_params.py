@@ -41,7 +41,7 @@ BAD = [
     ("stale_if_error", "maybe"),
     ("prefetch", "sometimes"),
     ("concurrency", "0"),
-    ("concurrency", "129"),
+    ("concurrency", "257"),
     ("concurrency", "four"),
     ("part_size", "1KB"),
     ("part_size", "2GiB"),

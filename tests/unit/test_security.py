@@ -430,7 +430,7 @@ def test_size_and_count_flags_state_their_accepted_values(tmp_path, capsys):
     cases = [
         (["warm", "m", "--max-size", "lots"], ["500MB", "200GiB"]),
         (["warm", "m", "--max-size", "9" * 400], ["--max-size"]),  # no overflow traceback
-        (["warm", "m", "--concurrency", "129"], ["1 to 128"]),
+        (["warm", "m", "--concurrency", "257"], ["1 to 256"]),
         (["warm", "m", "--part-size", "2GiB"], ["1MiB to 1GiB"]),
         (["stats", "--top", "1001"], ["0 to 1000"]),
     ]

@@ -66,7 +66,7 @@ def test_parse_value_reads_text(name: str, text: str, value: object) -> None:
 
 @pytest.mark.parametrize(
     ("name", "text"),
-    [("timeout", "0"), ("timeout", "nan"), ("timeout", "4000"), ("concurrency", "129")],
+    [("timeout", "0"), ("timeout", "nan"), ("timeout", "4000"), ("concurrency", "257")],
 )
 def test_parse_value_refuses_out_of_range_naming_where(name: str, text: str) -> None:
     """A refusal names where the value came from and what is accepted."""

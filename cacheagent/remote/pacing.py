@@ -1,0 +1,207 @@
+"""How many requests a download keeps in flight, and how big each part is: adapted to the link.
+
+No fixed number fills every link. One that caps each connection at 2 MB/s needs
+80 connections to carry 160 MB/s; one at 100 MB/s per connection is full with two,
+and more only add overhead. So a download starts with a few requests and grows
+the number in flight while the bytes per second keep growing (by at least
+:data:`GAIN`), up to ``concurrency``, the cap. It stops growing once a step
+brings no gain, and halves on a throttling answer (429, 503 SlowDown).
+
+Part sizes follow from the same number: the bytes in flight are bounded by a
+memory budget, so the more parts run at once, the smaller each one is (never
+below 1 MiB, where the request's own latency starts to dominate; never above the
+``part_size`` setting).
+
+The controller sees only completed parts, so it measures what the link really
+delivers, whatever the reason a connection is slow.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+_log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+START = 4  # requests in flight at first: cheap on any link, already 4x one stream
+GAIN = 1.15  # a doubling must bring at least this much more throughput to go on
+MIN_PART = 1 * MiB
+# Bytes of parts in flight at once (requested, received, or waiting to be hashed).
+# It sets the part size: 128 requests of 1 MiB fit, so RSS stays far under 300 MiB.
+MEMORY_BUDGET = 160 * MiB
+
+
+class AdaptiveLimit:
+    """The number of requests to keep in flight, doubled while throughput grows.
+
+    Like TCP's slow start: a *round* ends when as many parts have completed as
+    were allowed in flight when it began; if the round moved at least
+    :data:`GAIN` times the bytes per second of the best round so far, the limit
+    doubles, else it stays where it is (the link is full: more requests would
+    only queue). Threads call :meth:`done` for each completed part; the download
+    loop reads :attr:`limit` before it starts another request. Thread-safe.
+    """
+
+    def __init__(
+        self,
+        cap: int,
+        *,
+        start: int = START,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.cap = max(1, cap)
+        self._limit = min(self.cap, max(1, start))
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._round_start = clock()
+        self._round_bytes = 0
+        self._round_parts = 0
+        self._best_rate = 0.0
+        self._growing = self._limit < self.cap
+        self.peak = self._limit
+
+    @property
+    def limit(self) -> int:
+        """How many requests may be in flight now."""
+        return self._limit
+
+    @property
+    def settled(self) -> bool:
+        """True once the limit stopped growing (the link is full, or at the cap)."""
+        return not self._growing
+
+    def done(self, nbytes: int) -> None:
+        """Count one completed part of ``nbytes``; at the end of a round, maybe double."""
+        with self._lock:
+            self._round_bytes += nbytes
+            self._round_parts += 1
+            if not self._growing or self._round_parts < self._limit:
+                return
+            elapsed = max(self._clock() - self._round_start, 1e-6)
+            self._judge(self._round_bytes / elapsed)
+            self._round_start = self._clock()
+            self._round_bytes = 0
+            self._round_parts = 0
+
+    def _judge(self, rate: float) -> None:
+        if rate < self._best_rate * GAIN:
+            self._growing = False
+            _log.debug("fetch: %.1f MB/s, no gain; keeping %d in flight", rate / 1e6, self._limit)
+            return
+        self._best_rate = rate
+        self._limit = min(self.cap, self._limit * 2)
+        self.peak = max(self.peak, self._limit)
+        self._growing = self._limit < self.cap
+        _log.debug("fetch: %.1f MB/s; now %d in flight", rate / 1e6, self._limit)
+
+    def throttled(self) -> None:
+        """Storage asked us to slow down (429, 503 SlowDown): halve, and stop growing."""
+        with self._lock:
+            self._limit = max(1, self._limit // 2)
+            self._growing = False
+        _log.info("fetch: storage is throttling; down to %d requests in flight", self._limit)
+
+
+def part_size_for(cap: int, largest: int) -> int:
+    """Bytes per ranged part of a download that may grow to ``cap`` requests at once.
+
+    The memory budget shared by the parts in flight sets the size: a higher cap,
+    smaller parts, never below 1 MiB (where a request's latency starts to weigh)
+    nor above ``largest`` (the ``part_size`` setting). Whole MiB, so a blob splits
+    the same way every time.
+    """
+    if largest < MIN_PART:
+        return max(1, largest)
+    share = MEMORY_BUDGET // max(1, 2 * cap)
+    return max(MIN_PART, (min(largest, share) // MiB) * MiB)
+
+
+_POLL_S = 0.2
+
+
+class Link:
+    """What every download to one storage endpoint shares in a process.
+
+    Concurrent downloads (a LOAD and the prefetch of its siblings, several
+    models of one start) draw request slots from one :class:`AdaptiveLimit` and
+    memory from one budget, so together they fill the link once instead of each
+    pretending to own it.
+    """
+
+    def __init__(self, cap: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._cond = threading.Condition()
+        self.limit = AdaptiveLimit(cap, clock=clock)
+        self._in_flight = 0
+        self._held_bytes = 0
+        self._downloads = 0
+
+    @property
+    def in_flight(self) -> int:
+        """Requests running now, over every download sharing this link."""
+        return self._in_flight
+
+    def begin(self, cap: int) -> None:
+        """A download starts. The first of a batch measures the link afresh.
+
+        Downloads that overlap share what the first one learnt; one that starts
+        when none runs begins small again, so a link that changed is measured as
+        it is now.
+        """
+        with self._cond:
+            if self._downloads == 0:
+                self.limit = AdaptiveLimit(cap, clock=self._clock)
+            self._downloads += 1
+
+    def end(self) -> None:
+        """A download ended (whatever its outcome)."""
+        with self._cond:
+            self._downloads = max(0, self._downloads - 1)
+
+    def acquire(self, nbytes: int, stop: threading.Event) -> bool:
+        """Wait for a request slot and ``nbytes`` of memory; False if ``stop`` was set.
+
+        Waits in short steps so a failed download stops at once; the memory
+        budget never blocks a lone request (a part bigger than the budget still
+        goes, alone).
+        """
+        with self._cond:
+            while not stop.is_set():
+                room = self._held_bytes == 0 or self._held_bytes + nbytes <= MEMORY_BUDGET
+                if self._in_flight < self.limit.limit and room:
+                    self._in_flight += 1
+                    self._held_bytes += nbytes
+                    return True
+                self._cond.wait(_POLL_S)
+            return False
+
+    def request_done(self, nbytes: int | None) -> None:
+        """A request ended (``nbytes`` delivered, None if it failed): free its slot."""
+        if nbytes is not None:
+            self.limit.done(nbytes)
+        with self._cond:
+            self._in_flight -= 1
+            self._cond.notify_all()
+
+    def release_bytes(self, nbytes: int) -> None:
+        """Memory of a part that has been hashed (or dropped) is free again."""
+        with self._cond:
+            self._held_bytes = max(0, self._held_bytes - nbytes)
+            self._cond.notify_all()
+
+
+
+_LINKS: dict[str, Link] = {}
+_LINKS_LOCK = threading.Lock()
+
+
+def link_for(endpoint: str) -> Link:
+    """The process's one :class:`Link` to ``endpoint`` (e.g. a bucket's URL)."""
+    with _LINKS_LOCK:
+        link = _LINKS.get(endpoint)
+        if link is None:
+            link = _LINKS[endpoint] = Link(START)
+        return link

@@ -1,0 +1,95 @@
+"""The download adapts its parallelism to the link, and its memory stays bounded.
+
+Counted at the rig's proxy (how many content GETs overlap in time), never timed.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cacheagent.cache import Cache
+from harness.emulators import StorageRig
+
+MiB = 1024 * 1024
+pytestmark = pytest.mark.integration
+
+
+def peak_overlap(records: list[Any], prefix: str) -> int:
+    """Most content GETs under ``prefix`` that were in flight at the same moment."""
+    events = []
+    for r in records:
+        if r.method == "GET" and "list-type" not in r.query and prefix in r.path:
+            events.append((r.started, 1))
+            events.append((r.started + r.duration_s, -1))
+    peak = current = 0
+    for _, step in sorted(events, key=lambda e: (e[0], e[1])):
+        current += step
+        peak = max(peak, current)
+    return peak
+
+
+def vm_hwm_kib(pid: int) -> int:
+    """The peak resident set of a running process, from /proc (0 once it is gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+def fetch_through(rig: StorageRig, tmp_path: Path, name: str, per_conn: float) -> int:
+    rig.proxy.reset()
+    rig.proxy.per_conn_bytes_per_s = per_conn
+    rig.proxy.total_bytes_per_s = 16e6
+    try:
+        with Cache(tmp_path / name, env={**os.environ, **rig.env}) as cache:
+            snapshot = cache.fetch(rig.url("models/m"))
+            assert snapshot.bytes_fetched == 48 * MiB
+    finally:
+        rig.proxy.per_conn_bytes_per_s = rig.proxy.total_bytes_per_s = None
+    return peak_overlap(rig.proxy.records(), "/models/m/")
+
+
+def test_a_link_with_slow_connections_gets_more_of_them(s3_rig: StorageRig, tmp_path: Path):
+    """16 MB/s in all: at 1 MB/s per connection it takes many requests in flight to
+    fill; at 16 MB/s per connection one fills it, and the download stops growing."""
+    s3_rig.put_tree("models/m", {"1/w.bin": os.urandom(48 * MiB)})
+    slow = fetch_through(s3_rig, tmp_path, "slow", 1e6)
+    fast = fetch_through(s3_rig, tmp_path, "fast", 16e6)
+    assert slow >= 16, (slow, fast)  # at least enough to fill 16 MB/s at 1 MB/s each
+    assert fast <= 8, (slow, fast)  # grew once, saw no gain, stopped
+    assert slow >= 2 * fast
+
+
+def test_memory_stays_bounded_fetching_a_large_model(seaweed_rig: StorageRig, tmp_path: Path):
+    """A fresh ``cacheagent warm`` of 2 GiB (one file of 1 GiB, eight of 128 MiB)
+    peaks far below the 300 MiB RSS bound, whatever the parallelism reached."""
+    rig = seaweed_rig
+    chunk = os.urandom(128 * MiB)
+    files = {f"1/w{i}.bin": chunk[i:] + chunk[:i] for i in range(8)}
+    files["1/big.bin"] = chunk * 8
+    rig.put_tree("models/big", files)
+    del files, chunk
+    env = {**os.environ, **rig.env, "CACHEAGENT_CACHE_DIR": str(tmp_path / "cache")}
+    warm = [sys.executable, "-m", "cacheagent.cli.main", "warm", rig.url("models/big"), "--json"]
+    peak_kib = 0
+    with subprocess.Popen(warm, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        # VmHWM is the peak RSS of the running program itself (rusage would count the
+        # pytest process's pages the child had between fork and exec).
+        while proc.poll() is None:
+            peak_kib = max(peak_kib, vm_hwm_kib(proc.pid))
+            time.sleep(0.05)
+        err = proc.stderr.read() if proc.stderr else b""
+    assert proc.returncode == 0, err[-2000:]
+    assert 0 < peak_kib < 300 * 1024, f"peak RSS {peak_kib / 1024:.0f} MiB"
+    assert rig.object_bytes("models/big/") == 2 * 1024 * MiB

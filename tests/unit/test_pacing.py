@@ -1,0 +1,84 @@
+"""The adaptive request limit and part sizes, driven by a simulated link."""
+
+from __future__ import annotations
+
+import pytest
+
+from cacheagent.remote.pacing import MIN_PART, AdaptiveLimit, MiB, part_size_for
+
+
+class Link:
+    """A link with a per-connection cap and a total cap, stepped part by part."""
+
+    def __init__(self, per_conn: float, total: float) -> None:
+        self.per_conn, self.total, self.now = per_conn, total, 0.0
+
+    def clock(self) -> float:
+        return self.now
+
+    def run(self, limit: AdaptiveLimit, parts: int, part: int) -> None:
+        """Complete ``parts`` parts, ``limit.limit`` at a time, at the link's speed."""
+        left = parts
+        while left:
+            batch = min(limit.limit, left)
+            rate = min(self.per_conn, self.total / batch)  # each connection's share
+            self.now += part / rate
+            for _ in range(batch):
+                limit.done(part)
+            left -= batch
+
+
+@pytest.mark.parametrize(
+    ("per_conn", "expected_at_least"),
+    [(2e6, 64), (5e6, 32), (20e6, 8)],
+)
+def test_the_limit_grows_until_the_link_is_full(per_conn: float, expected_at_least: int) -> None:
+    """On a 160 MB/s link, a lower per-connection cap ends with more requests in flight."""
+    link = Link(per_conn, 160e6)
+    limit = AdaptiveLimit(128, clock=link.clock)
+    link.run(limit, 2000, MiB)
+    assert limit.settled
+    assert limit.limit >= expected_at_least
+    assert limit.limit * per_conn >= 160e6  # enough in flight to fill the link
+
+
+def test_a_fast_connection_needs_few_requests() -> None:
+    """When one connection nearly fills the link, growth stops early."""
+    link = Link(100e6, 160e6)
+    limit = AdaptiveLimit(128, clock=link.clock)
+    link.run(limit, 500, MiB)
+    assert limit.settled and limit.limit <= 8
+
+
+def test_the_cap_is_never_exceeded() -> None:
+    """``concurrency`` is the cap, whatever the link."""
+    link = Link(1e6, 1e9)
+    limit = AdaptiveLimit(16, clock=link.clock)
+    link.run(limit, 1000, MiB)
+    assert limit.limit == 16 == limit.peak and limit.settled
+
+
+def test_throttling_halves_and_stops_growth() -> None:
+    """A 429/503 SlowDown halves the limit for the rest of the download."""
+    link = Link(2e6, 1e9)
+    limit = AdaptiveLimit(128, clock=link.clock)
+    link.run(limit, 100, MiB)
+    before = limit.limit
+    limit.throttled()
+    assert limit.limit == max(1, before // 2) and limit.settled
+    link.run(limit, 500, MiB)
+    assert limit.limit == max(1, before // 2)
+
+
+@pytest.mark.parametrize(
+    ("cap", "largest", "size"),
+    [
+        (128, 8 * MiB, MIN_PART),
+        (32, 8 * MiB, 2 * MiB),
+        (4, 8 * MiB, 8 * MiB),
+        (8, 64 * 1024, 64 * 1024),
+    ],
+)
+def test_part_size_shrinks_as_the_cap_grows(cap: int, largest: int, size: int) -> None:
+    """Parts in flight share one memory budget; never below 1 MiB nor above part_size."""
+    assert part_size_for(cap, largest) == size
