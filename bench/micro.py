@@ -141,6 +141,7 @@ t = T(); from cacheagent.triton import actions; imp_actions = T() - t
 from cacheagent.cache import Cache
 from cacheagent.remote.location import parse_location
 from cacheagent.remote.listing import list_manifest
+from cacheagent.remote.clients import filesystem_for
 location, model, cache_dir, repeat = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 request = {"action": "LOAD", "artifact_type": "REMOTE_FILESYSTEM", "location": location,
            "params": {"cache_dir": cache_dir}, "config": {"name": model},
@@ -152,7 +153,7 @@ first = load()
 first_line = lines[-1]
 loads = [load() for _ in range(repeat)]
 loc = parse_location(location)
-fs = loc.filesystem()
+fs = filesystem_for(loc)
 lists = []
 for _ in range(repeat):
     t = T(); manifest = list_manifest(loc, fs); lists.append(T() - t)
@@ -192,7 +193,8 @@ def hit_probe(rig: StorageRig, location: str, model: str, cache_dir: Path, repea
             "import time,sys; T=time.perf_counter; t=T(); import s3fs; a=T()-t\n"
             "from cacheagent.remote.location import parse_location\n"
             "from cacheagent.remote.listing import list_manifest\n"
-            "loc=parse_location(sys.argv[1]); fs=loc.filesystem()\n"
+            "from cacheagent.remote.clients import filesystem_for\n"
+            "loc=parse_location(sys.argv[1]); fs=filesystem_for(loc)\n"
             "t=T(); list_manifest(loc, fs); b=T()-t\n"
             "t=T(); list_manifest(loc, fs); c=T()-t\n"
             "print(a, b, c)",

@@ -29,7 +29,7 @@ from cacheagent.local.locks import LockTimeoutError, file_lock
 from cacheagent.local.store import Store
 from cacheagent.remote.listing import list_manifest
 from cacheagent.remote.location import Location, parse_location
-from cacheagent.remote.manifest import FileEntry, Manifest, manifest_from_records
+from cacheagent.remote.manifest import FileEntry, Manifest
 from cacheagent.remote.transfer import FetchSettings, ProgressFn, download
 from cacheagent.settings import (
     MAX_SIZE_ENV,
@@ -39,7 +39,6 @@ from cacheagent.settings import (
     node_budget,
 )
 from cacheagent.sizes import format_size
-from cacheagent.triton.layout import version_dirs
 
 if TYPE_CHECKING:
     from cacheagent.tier import Tier
@@ -507,7 +506,6 @@ class Cache:
             ],
             created=time.time(),
             last_used=time.time(),
-            versions=version_dirs([f.path for f in manifest.files], manifest.empty_dirs),
             empty_dirs=list(manifest.empty_dirs),
             selection=call.selection,
         )
@@ -824,15 +822,6 @@ class Cache:
         report.repaired = (
             bool(corrupt or report.broken_snapshots or report.relinked_blobs)
             and not report.leased_left
-        )
-
-    def manifest_of(self, key: str) -> Manifest | None:
-        """The manifest a snapshot was built from."""
-        record = self.index.get_snapshot(key)
-        if record is None:
-            return None
-        return manifest_from_records(
-            record.source, [row[:4] for row in record.files], record.empty_dirs
         )
 
 

@@ -2,16 +2,20 @@
 
 It starts moto (S3, with ranged reads served in proportion to the range, as
 real object stores do: see bench/moto_ranged.py) behind a counting proxy, uploads a sample model
-repository twice (once as Triton users have it, once with the cacheagent
-section in config.pbtxt), then starts Triton four times:
+repository as Triton users have it (no cacheagent section in any config.pbtxt), then
+starts Triton:
 
-1. native: Triton downloads the models from S3 itself;
-2. cacheagent, cold: the agent fetches them into an empty cache;
-3. cacheagent, cached: a restart, served from the cache;
-4. the same from a stub repository (``cacheagent stub``): Triton reads local configs
-   and never walks the bucket itself; only the agent lists it.
+1. native: ``tritonserver --model-repository=s3://...``; Triton downloads the models
+   from S3 itself;
+2. ``s5cmd sync`` of the repository into an empty directory, then ``tritonserver`` on
+   that directory (only when the ``s5cmd`` binary is installed: the test extra has it);
+3. ``cacheagent run --cache-dir DIR -- tritonserver --model-repository=s3://...``
+   with an empty cache: the launcher lists the repository once, writes a local stub
+   repository and the agent fetches the models;
+4. the same command again, a restart: one listing, and every model served from the cache.
 
-It prints seconds to READY, and the requests and bytes storage served, for each.
+It prints seconds to READY, and the requests and bytes storage served, for each
+(counted at the proxy, so the launcher's, the agent's and Triton's own requests all are).
 
 By default the proxy shapes the link like a cloud bucket seen from one VM: 20 MB/s per
 connection, 160 MB/s in all, 20 ms per request (a real cloud's ~50 / 400 MB/s scaled
@@ -31,6 +35,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,9 +46,8 @@ if str(ROOT) not in sys.path:
 
 from bench.common import RangedMotoS3, set_link  # noqa: E402
 from cacheagent.sizes import format_size  # noqa: E402
-from cacheagent.triton.install import install_triton  # noqa: E402
-from cacheagent.triton.stub import write_stub  # noqa: E402
 from harness.emulators import StorageRig  # noqa: E402
+from harness.peers import PeerError, find_s5cmd, s5cmd_sync  # noqa: E402
 from harness.triton import (  # noqa: E402
     MODEL_PY,
     TritonServer,
@@ -53,14 +57,14 @@ from harness.triton import (  # noqa: E402
 )
 
 
-def sample_model(name: str, size: int, agent_params: dict[str, str] | None) -> dict[str, bytes]:
+def sample_model(name: str, size: int) -> dict[str, bytes]:
     """A python-backend model: OUTPUT0 = INPUT0 + weights, plus ``size`` bytes of parameters."""
     weights = weights_bytes([1.0, 2.0, 3.0, 4.0])
     params = np.random.default_rng(sum(name.encode())).integers(
         0, 2**63, size // 8 + 1, dtype=np.int64
     )
     return {
-        "config.pbtxt": model_config(name, agent_params).encode(),
+        "config.pbtxt": model_config(name, None).encode(),
         "1/model.py": MODEL_PY.encode(),
         "1/weights.bin": weights,
         "1/parameters.bin": params.tobytes()[:size],
@@ -89,30 +93,52 @@ def check_inference(server: TritonServer, name: str) -> None:
 #: (per-connection bytes/s, total bytes/s, seconds per request) of the cloud-like link.
 CLOUD_LINK = (20e6, 160e6, 0.020)
 
+NATIVE = "Triton native (S3)"
+S5CMD = "s5cmd sync + local start"
+COLD = "cacheagent run, cold cache"
+CACHED = "cacheagent run, cached (restart)"
 
-def run(
-    size: int, model_count: int, workdir: Path, cloud_link: bool = True
-) -> list[tuple[str, float, int, int]]:
-    """Run the four starts; return (label, seconds, requests, bytes) rows."""
+
+@dataclass(frozen=True)
+class Row:
+    """One start: seconds to READY and what storage served for it (counted at the proxy)."""
+
+    label: str
+    seconds: float
+    requests: int
+    response_bytes: int  # every response: listings, HEADs and model files
+    model_bytes: int  # the bytes of model files (object GETs) among them
+
+
+def cacheagent_run(cache_dir: Path) -> list[str]:
+    """``cacheagent run --cache-dir DIR --``, the launcher with its default settings."""
+    script = Path(sys.executable).parent / "cacheagent"
+    command = [str(script)] if script.is_file() else [sys.executable, "-m", "cacheagent.cli"]
+    return [*command, "run", "--cache-dir", str(cache_dir), "--"]
+
+
+def run(size: int, model_count: int, workdir: Path, cloud_link: bool = True) -> list[Row]:
+    """Run the starts; return one row each."""
     paths = prepare_triton()
-    repoagent_dir = workdir / "repoagents"
-    install_triton(repoagent_dir)
     cache_dir = workdir / "cache"
     names = [f"model{i}" for i in range(model_count)]
-    rows = []
+    try:
+        s5cmd: Path | None = find_s5cmd()
+    except PeerError as exc:
+        s5cmd = None
+        print(f"no s5cmd row: {exc}", flush=True)
+    rows: list[Row] = []
     # Stock moto copies the whole object to answer each ranged GET; real object
     # stores do not. bench/moto_ranged.py fixes that one thing (and only for
     # ranged reads), so the demo measures cacheagent rather than the emulator.
     with RangedMotoS3() as s3, StorageRig(s3) as rig:
         print(
             f"S3 emulator on {rig.endpoint}; uploading {model_count} models "
-            f"of {format_size(size)} twice (native and with cacheagent)...",
+            f"of {format_size(size)}...",
             flush=True,
         )
-        agent = {"cache_dir": str(cache_dir)}
         for name in names:
-            rig.put_tree(f"native/{name}", sample_model(name, size, None))
-            rig.put_tree(f"agent/{name}", sample_model(name, size, agent))
+            rig.put_tree(f"models/{name}", sample_model(name, size))
         if cloud_link:
             per_conn, total, latency = CLOUD_LINK
             set_link(rig, per_conn, total, latency)
@@ -122,60 +148,76 @@ def run(
                 "(--link loopback for none)",
                 flush=True,
             )
-        # `cacheagent stub`: a local repository of configs whose agent section names
-        # the models in S3, so Triton itself never walks the bucket.
-        stub_dir = workdir / "stub"
-        write_stub(rig.url("agent"), stub_dir, env={**os.environ, **rig.env})
-        starts = [
-            ("Triton native (S3)", rig.url("native"), None),
-            ("cacheagent, cold cache", rig.url("agent"), repoagent_dir),
-            ("cacheagent, cached (restart)", rig.url("agent"), repoagent_dir),
-            ("cacheagent, cached, stub repo", str(stub_dir), repoagent_dir),
+        repository = rig.url("models")
+        # (label, repository Triton gets, wrapper command, local copy to sync first)
+        starts: list[tuple[str, str, list[str], Path | None]] = [(NATIVE, repository, [], None)]
+        if s5cmd is not None:
+            starts.append((S5CMD, str(workdir / "synced"), [], workdir / "synced"))
+        starts += [
+            (COLD, repository, cacheagent_run(cache_dir), None),
+            (CACHED, repository, cacheagent_run(cache_dir), None),
         ]
-        for label, repository, agent_dir in starts:
+        for label, model_repository, wrapper, synced in starts:
             rig.proxy.reset()
             server = TritonServer(
                 paths,
-                repository,
+                model_repository,
                 workdir / f"triton-{len(rows)}.log",
-                repoagent_dir=agent_dir,
                 model_control_mode="none",
                 env=rig.env,
+                wrapper=wrapper,
             )
             try:
-                seconds = timed_start(server, names)
+                seconds = 0.0
+                if synced is not None:
+                    assert s5cmd is not None
+                    # s5cmd never sends a loopback endpoint through an HTTP proxy:
+                    # its endpoint is the counting proxy itself.
+                    seconds = s5cmd_sync(
+                        f"s3://{rig.bucket}/models", synced, rig.endpoint, env=rig.env, s5cmd=s5cmd
+                    ).seconds
+                seconds += timed_start(server, names)
                 for name in names:
                     check_inference(server, name)
             finally:
                 server.stop()
                 server.cleanup()
             records = rig.proxy.records()
-            rows.append((label, seconds, len(records), sum(r.response_bytes for r in records)))
-            print(f"  {label:30} READY in {seconds:6.2f} s", flush=True)
+            rows.append(
+                Row(
+                    label,
+                    seconds,
+                    len(records),
+                    sum(r.response_bytes for r in records),
+                    rig.object_bytes("models/"),
+                )
+            )
+            print(f"  {label:32} READY in {seconds:6.2f} s", flush=True)
     return rows
 
 
-def print_table(rows: list[tuple[str, float, int, int]]) -> None:
-    """The result table, with speed-up and saving against native."""
-    native_seconds, native_bytes = rows[0][1], rows[0][3]
+def print_table(rows: list[Row]) -> None:
+    """The result table, with the speed-up against native, and what the cached start moved."""
+    native = rows[0]
     print()
     print(
-        f"| {'start':30} | {'seconds to READY':>16} | {'requests':>8} | {'bytes from S3':>13} |"
+        f"| {'start':32} | {'seconds to READY':>16} | {'requests':>8} | {'bytes from S3':>13} |"
         f" {'vs native':>9} |"
     )
-    print(f"|{'-' * 32}|{'-' * 18}:|{'-' * 9}:|{'-' * 14}:|{'-' * 10}:|")
-    for label, seconds, requests, nbytes in rows:
-        ratio = f"{native_seconds / seconds:.1f}x" if seconds else "-"
+    print(f"|{'-' * 34}|{'-' * 18}:|{'-' * 9}:|{'-' * 14}:|{'-' * 10}:|")
+    for row in rows:
+        ratio = f"{native.seconds / row.seconds:.1f}x" if row.seconds else "-"
         print(
-            f"| {label:30} | {seconds:16.2f} | {requests:8d} | {format_size(nbytes):>13} |"
-            f" {ratio:>9} |"
+            f"| {row.label:32} | {row.seconds:16.2f} | {row.requests:8d} |"
+            f" {format_size(row.response_bytes):>13} | {ratio:>9} |"
         )
-    cached, stub = rows[2], rows[3]
+    cached = next(row for row in rows if row.label == CACHED)
     print()
     print(
-        f"The cached start pulled {format_size(cached[3])} instead of {format_size(native_bytes)}"
-        " (Triton's own listings and config.pbtxt: zero bytes of model files); from the stub"
-        f" repository {stub[2]} request(s) and {format_size(stub[3])} (the agent's listings only)."
+        f"The cached start through `cacheagent run` made {cached.requests} request(s) "
+        f"({format_size(cached.response_bytes)}, the launcher's listing of the repository) "
+        f"and moved {format_size(cached.model_bytes)} of model files, against "
+        f"{format_size(native.model_bytes)} for Triton native."
     )
 
 

@@ -195,8 +195,10 @@ class TritonServer:
         extra_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
         wrapper: Sequence[str] = (),
+        cwd: Path | None = None,
     ) -> None:
         self.paths = paths
+        self.cwd = cwd
         self.log_path = Path(log_path)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -242,6 +244,7 @@ class TritonServer:
                 stderr=subprocess.STDOUT,
                 env=self.env,
                 start_new_session=True,
+                cwd=self.cwd,
             )
         return self
 

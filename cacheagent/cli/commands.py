@@ -26,6 +26,7 @@ from cacheagent.cli.parser import EXIT_CORRUPT, EXIT_ERROR, EXIT_OK, EXIT_REPAIR
 from cacheagent.errors import CacheAgentError, InvalidParameterError
 from cacheagent.settings import default_cache_dir
 from cacheagent.sizes import format_size
+from cacheagent.triton.layout import version_dirs
 
 if TYPE_CHECKING:
     from cacheagent.cache import Cache
@@ -122,7 +123,7 @@ def _ls_row(record: SnapshotRecord, leases: list[Any], path: str) -> dict[str, A
         "key": record.key,
         "source": record.source,
         "model": record.model,
-        "versions": record.versions,
+        "versions": version_dirs([row[0] for row in record.files], record.empty_dirs),
         "files": len(record.files),
         "size": record.size,
         "last_used": record.last_used,

@@ -106,6 +106,7 @@ class SnapshotRecord:
     files: list[list[Any]]  # [relpath, size, fingerprint, md5, blob digest]
     created: float
     last_used: float
+    # Read from records written before 0.2; the CLI derives versions from ``files``.
     versions: list[str] = field(default_factory=list)
     empty_dirs: list[str] = field(default_factory=list)
     # What the fetch kept of the source (e.g. its version policy): stale-if-error

@@ -33,6 +33,8 @@ os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 if TYPE_CHECKING:
     from fsspec import AbstractFileSystem
 
+    from cacheagent.remote.location import Location
+
 
 def proxy_for(url: str, env: Mapping[str, str]) -> str | None:
     """The proxy ``env`` names for requests to ``url``, or None (none set, or NO_PROXY matches).
@@ -152,3 +154,11 @@ def _s3_with_timeouts(options: dict[str, Any], connect: float, read: float) -> d
         retries={"max_attempts": 1, "mode": "standard"},
     )
     return {**options, "config_kwargs": config}
+
+
+def filesystem_for(location: Location, timeout: float = DEFAULT_TIMEOUT) -> AbstractFileSystem:
+    """The fsspec filesystem that reaches ``location``, its SDK timeouts set from ``timeout``.
+
+    Instances are cached by fsspec (one per location options and timeout).
+    """
+    return filesystem(location.scheme, location.storage_options, timeout)

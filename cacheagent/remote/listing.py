@@ -37,6 +37,7 @@ from cacheagent.errors import (
     StorageUnavailableError,
 )
 from cacheagent.remote import s3
+from cacheagent.remote.clients import filesystem_for
 from cacheagent.remote.faults import (
     CHANGED,
     CONFIG,
@@ -95,7 +96,7 @@ def list_tree(
             fast = _fast(location, "list", lambda: s3.list_objects(location, deadline))
             if fast is not None:
                 return fast[0]
-        filesystem = fs or location.filesystem(timeout)
+        filesystem = fs or filesystem_for(location, timeout)
         if location.is_remote:
             # A listing must reflect storage now, not fsspec's memory of it.
             filesystem.invalidate_cache()
@@ -196,7 +197,7 @@ def list_model_names(
             fast = _fast(repository, "list", lambda: s3.list_objects(repository, deadline, "/"))
             if fast is not None:
                 return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fast[1])
-        filesystem = fs or repository.filesystem(timeout)
+        filesystem = fs or filesystem_for(repository, timeout)
         entries = _call(filesystem, "ls", deadline, repository.root, detail=True)
         return sorted(
             e["name"].rstrip("/").rsplit("/", 1)[-1]
@@ -233,7 +234,7 @@ def read_file(
             data = _fast(location, "read", lambda: _fast_whole(location, relpath, deadline))
             if data is not None:
                 return data
-        filesystem = fs or location.filesystem(timeout)
+        filesystem = fs or filesystem_for(location, timeout)
         data = _call(filesystem, "cat_file", deadline, f"{location.root}/{relpath}")
         return bytes(data)
 
@@ -410,7 +411,7 @@ def _sdk_part(
     deadline: Deadline,
     timeout: float,
 ) -> bytes | WholeObject:
-    filesystem = location.filesystem(timeout)
+    filesystem = filesystem_for(location, timeout)
     path = f"{location.root}/{relpath}"
     data: bytes = _call(filesystem, "cat_file", deadline, path, start=start, end=end)
     if len(data) == end - start:

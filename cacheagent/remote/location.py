@@ -1,4 +1,7 @@
-"""Parse Triton's model repository locations into an fsspec filesystem and a path.
+"""Parse Triton's model repository locations into a scheme, a path and storage options.
+
+A :class:`Location` is a parsed value: the filesystem that reaches it is built by
+:func:`cacheagent.remote.clients.filesystem_for`.
 
 Accepted forms (the same grammar Triton accepts on ``--model-repository``):
 
@@ -22,12 +25,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from cacheagent.errors import InvalidLocationError
-from cacheagent.remote.clients import filesystem, proxy_for
+from cacheagent.remote.clients import proxy_for
 from cacheagent.remote.credentials import credentials_from_file
-from cacheagent.settings import DEFAULT_TIMEOUT
 
 if TYPE_CHECKING:
-    import fsspec
+    pass
 
 ACCEPTED_FORMS = (
     "s3://bucket/path, s3://host:port/bucket/path, s3://http://host:port/bucket/path, "
@@ -72,13 +74,6 @@ class Location:
     def is_remote(self) -> bool:
         """True for cloud storage, False for a local directory."""
         return self.scheme != "file"
-
-    def filesystem(self, timeout: float = DEFAULT_TIMEOUT) -> fsspec.AbstractFileSystem:
-        """The fsspec filesystem for this location, its SDK timeouts set from ``timeout``.
-
-        Instances are cached by fsspec (one per location options and timeout).
-        """
-        return filesystem(self.scheme, self.storage_options, timeout)
 
     def child(self, relpath: str) -> Location:
         """Return the location of ``relpath`` below this one (same store, same credentials)."""

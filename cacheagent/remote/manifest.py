@@ -137,14 +137,6 @@ def _has_children(directory: str, files: Mapping[str, Any], dirs: set[str]) -> b
     return any(p.startswith(prefix) for p in files) or any(d.startswith(prefix) for d in dirs)
 
 
-def manifest_from_records(
-    source: str, records: Iterable[Iterable[Any]], empty_dirs: Iterable[str] = ()
-) -> Manifest:
-    """Rebuild a manifest from ``[path, size, fingerprint, md5]`` rows stored in the index."""
-    files = tuple(FileEntry(str(p), int(s), str(fp), md5) for p, s, fp, md5 in records)
-    return Manifest(source, files, tuple(empty_dirs))
-
-
 def _is_directory_marker(name: str, info: Mapping[str, Any]) -> bool:
     metadata = info.get("metadata") or {}
     folder = isinstance(metadata, Mapping) and (

@@ -193,7 +193,6 @@ class Link:
             self._cond.notify_all()
 
 
-
 _LINKS: dict[str, Link] = {}
 _LINKS_LOCK = threading.Lock()
 

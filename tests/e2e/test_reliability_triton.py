@@ -580,3 +580,30 @@ def test_models_with_different_settings_on_one_cache_keep_their_own_with_prefetc
     assert " STALE: " in load_lines(third, "lenient")[-1]
     assert not any(" STALE: " in line for line in load_lines(third, "strict"))
     assert not third.model_ready("strict")
+
+
+# ---- 9. the worker's own modules only ----------------------------------------------
+
+
+def test_tritons_working_directory_never_shadows_the_workers_modules(
+    triton_factory: Factory, s3_rig: StorageRig, repoagent_dir: Path, tmp_path: Path
+) -> None:
+    """Modules planted in Triton's working directory (an ``xxhash.py`` that leaves a mark,
+    a ``cacheagent/`` package that breaks every import) never run in the worker: it is
+    started isolated (``python -I``), and the model loads with the right weights."""
+    rig, cache, repo, cwd = s3_rig, tmp_path / "cache", tmp_path / "repo", tmp_path / "cwd"
+    weights = [1.5, 2.5, 3.5, 4.5]
+    put_model(rig, "add", weights)
+    stub(repo, "add", rig, cache)
+    mark = tmp_path / "planted-module-ran"
+    (cwd / "cacheagent").mkdir(parents=True)
+    (cwd / "cacheagent" / "__init__.py").write_text("raise ImportError('planted cacheagent')\n")
+    (cwd / "xxhash.py").write_text(f"open({str(mark)!r}, 'w').close()\nraise ImportError('x')\n")
+    env = {**rig.env, "PYTHONPATH": str(cwd)}  # -I ignores PYTHONPATH as well
+    server = triton_factory(
+        repo, repoagent_dir=repoagent_dir, env=env, load_models=["add"], cwd=cwd
+    )
+    assert_serves(server, "add", weights)
+    assert " MISS: " in load_lines(server, "add")[-1]
+    assert not mark.exists()
+    assert "planted" not in server.log_text()

@@ -165,6 +165,7 @@ def test_cli_warm_reports_stale_and_never_prints_secrets(tmp_path, s3_rig):
 
 
 def test_s3_fast_listing_gives_the_same_manifest_as_s3fs(tmp_path, s3_rig):
+    from cacheagent.remote.clients import filesystem_for
     from cacheagent.remote.location import parse_location
     from cacheagent.remote.manifest import build_manifest
     from cacheagent.remote.s3 import fast_find
@@ -174,7 +175,7 @@ def test_s3_fast_listing_gives_the_same_manifest_as_s3fs(tmp_path, s3_rig):
     loc = parse_location(s3_rig.url("models/m"), {**os.environ, **s3_rig.env})
     fast = fast_find(loc)
     assert fast is not None
-    fs = loc.filesystem()
+    fs = filesystem_for(loc)
     fs.invalidate_cache()
     slow = fs.find(loc.root, detail=True)
     assert (
@@ -185,6 +186,7 @@ def test_s3_fast_listing_gives_the_same_manifest_as_s3fs(tmp_path, s3_rig):
 
 def test_s3_fast_model_listing_and_reads_match_s3fs(s3_rig):
     from cacheagent.errors import RemoteNotFoundError
+    from cacheagent.remote.clients import filesystem_for
     from cacheagent.remote.listing import list_model_names, read_file
     from cacheagent.remote.location import parse_location
     from cacheagent.remote.s3 import fast_cat, fast_subdirs
@@ -194,7 +196,7 @@ def test_s3_fast_model_listing_and_reads_match_s3fs(s3_rig):
     s3_rig.put_tree("repo/only marker+", {"": b""})  # a "dir/" marker object, no files
     s3_rig.put_tree("repo", {"README.md": b"not a model"})
     repo = parse_location(s3_rig.url("repo"), {**os.environ, **s3_rig.env})
-    fs = repo.filesystem()
+    fs = filesystem_for(repo)
     fs.invalidate_cache()
     assert fast_subdirs(repo) == list_model_names(repo, fs) == ["a", "b", "only marker+"]
     assert fast_cat(repo.child("b"), "config.pbtxt") == b"name: 'b'"

@@ -11,7 +11,7 @@ import pytest
 from cacheagent.cache import Cache
 from cacheagent.cli.main import main
 from cacheagent.triton import actions
-from cacheagent.triton.layout import version_selection
+from cacheagent.triton.layout import version_dirs, version_selection
 from harness.agent_requests import agent_request
 
 LATEST_2 = "version_policy: { latest: { num_versions: 2 } }\n"
@@ -34,7 +34,8 @@ def warm(capsys: pytest.CaptureFixture[str], model: Path, cache: Path, *flags: s
 
 def versions_of(cache: Path, key: str) -> list[str]:
     with Cache(cache) as c:
-        return c.index.get_snapshot(key).versions
+        record = c.index.get_snapshot(key)
+        return version_dirs([row[0] for row in record.files], record.empty_dirs)
 
 
 def test_warm_then_the_agents_first_load_is_a_hit_with_the_same_key(tmp_path, capsys):

@@ -4,6 +4,7 @@ import os
 
 from cacheagent.cache import Cache
 from cacheagent.triton.config import agent_parameters, config_json, parse_config
+from cacheagent.triton.layout import version_dirs
 from cacheagent.triton.prefetch import Prefetcher
 
 
@@ -55,4 +56,5 @@ def test_siblings_named_cacheagent_are_fetched_in_the_background(tmp_path):
         thread.join(timeout=60)
     records = Cache(cache_dir).snapshots()
     assert [r.model for r in records] == ["b"]
-    assert records[0].versions == ["2"]  # its own policy: latest 1
+    paths = [row[0] for row in records[0].files]
+    assert version_dirs(paths, records[0].empty_dirs) == ["2"]  # its own policy: latest 1

@@ -26,7 +26,7 @@
  *     at most 8) sizes the pool; 1 makes every action wait for the one worker.
  *
  * Shim -> worker: one JSON object per line:
- *   {"id": N, "action": "LOAD"|"LOAD_COMPLETE"|"LOAD_FAIL"|"UNLOAD"|"UNLOAD_COMPLETE",
+ *   {"action": "LOAD"|"LOAD_COMPLETE"|"LOAD_FAIL"|"UNLOAD"|"UNLOAD_COMPLETE",
  *    "artifact_type": "FILESYSTEM"|"REMOTE_FILESYSTEM", "location": "...",
  *    "handle": "<hex address of the TRITONREPOAGENT_AgentModel>", "server_pid": <pid>,
  *    "params": {"k": "v", ...}, "config": <model config JSON for LOAD, else null>}
@@ -266,7 +266,6 @@ typedef struct {
   int to_fd, from_fd; /* our ends of its stdin and stdout */
   char *buf;          /* bytes read from its stdout, [pos, len) not consumed yet */
   size_t pos, len, cap;
-  unsigned long long next_id;
   int pending_lease;  /* LEASE fd of the request in flight */
   pthread_mutex_t mu; /* one action at a time per worker */
 } worker_t;
@@ -275,7 +274,7 @@ typedef struct {
  * (explicit-mode loads from several client threads). Serial callers (every start-up,
  * poll mode) always find slot 0 free, so they use one worker process, as before. */
 #define CA_MAX_WORKERS 8
-#define CA_WORKER_INIT {-1, -1, -1, NULL, 0, 0, 0, 1, -1, PTHREAD_MUTEX_INITIALIZER}
+#define CA_WORKER_INIT {-1, -1, -1, NULL, 0, 0, 0, -1, PTHREAD_MUTEX_INITIALIZER}
 static worker_t g_pool[CA_MAX_WORKERS] = {CA_WORKER_INIT, CA_WORKER_INIT, CA_WORKER_INIT,
                                           CA_WORKER_INIT, CA_WORKER_INIT, CA_WORKER_INIT,
                                           CA_WORKER_INIT, CA_WORKER_INIT};
@@ -642,11 +641,10 @@ static result_t worker_request(worker_t *w, sbuf *req, const char *action, const
 }
 
 /* The request line for one action (see the protocol at the top). */
-static void build_request(worker_t *w, sbuf *b, TRITONREPOAGENT_Agent *agent, TRITONREPOAGENT_AgentModel *model,
+static void build_request(sbuf *b, TRITONREPOAGENT_Agent *agent, TRITONREPOAGENT_AgentModel *model,
                           const char *action, TRITONREPOAGENT_ArtifactType atype, const char *location) {
   char num[96];
-  snprintf(num, sizeof num, "{\"id\": %llu, \"action\": ", w->next_id++);
-  sb_puts(b, num);
+  sb_puts(b, "{\"action\": ");
   sb_json_str(b, action);
   sb_puts(b, ", \"artifact_type\": ");
   sb_json_str(b, atype == CA_ARTIFACT_REMOTE_FILESYSTEM ? "REMOTE_FILESYSTEM" : "FILESYSTEM");
@@ -782,7 +780,7 @@ CA_EXPORT TRITONSERVER_Error *TRITONREPOAGENT_ModelAction(TRITONREPOAGENT_Agent 
   char *text = NULL;
   result_t res;
   worker_t *w = acquire_worker(action, location);
-  build_request(w, &req, agent, model, action, atype, location);
+  build_request(&req, agent, model, action, atype, location);
   if (req.oom) {
     res = RES_FAIL;
     text = msgf("cacheagent: out of memory building the %s request", action);
