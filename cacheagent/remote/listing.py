@@ -2,16 +2,20 @@
 
 Every storage operation (a listing, a small read, one ranged read) runs under
 one :class:`~cacheagent.remote.faults.Deadline` of ``timeout`` seconds that
-covers everything it does: the fast S3 client, a fallback to the SDK, every
+covers everything it does: a fast client, a fallback to the SDK, every
 retry and the pauses between them. Only outages are retried, with jittered
 backoff; any other failure is reported at once as the error that names its
 cause (:mod:`cacheagent.remote.faults`).
 
-S3 locations with static credentials are served by the fast client
-(:mod:`cacheagent.remote.s3`) until it meets something it cannot handle (a
-region it signs wrongly, a redirect, an answer it does not understand); the
-location's :class:`~cacheagent.remote.location.Route` then sends its listings
-and reads to the SDK for good, so one client serves each location.
+Locations a fast, SDK-free client can reach are served by it: S3 with static
+credentials (:mod:`cacheagent.remote.s3`), GCS anonymously (an emulator:
+:mod:`cacheagent.remote.gcs`) and Azure with an account key
+(:mod:`cacheagent.remote.azure`; for these two, listings and small whole
+reads only). A fast client serves a location until it meets something it
+cannot handle (a region it signs wrongly, a redirect, refused credentials, an
+answer it does not understand); the location's
+:class:`~cacheagent.remote.location.Route` then sends its listings and reads
+to the SDK for good, so one client serves each location.
 
 Every storage failure leaves this module as one of the package's errors,
 worded for an operator, with secrets scrubbed from anything quoted.
@@ -36,7 +40,7 @@ from cacheagent.errors import (
     RemoteNotFoundError,
     StorageUnavailableError,
 )
-from cacheagent.remote import s3
+from cacheagent.remote import azure, gcs, s3
 from cacheagent.remote.clients import filesystem_for
 from cacheagent.remote.faults import (
     CHANGED,
@@ -92,10 +96,10 @@ def list_tree(
     """
 
     def listing(deadline: Deadline) -> dict[str, dict[str, Any]]:
-        if fs is None and location.scheme == "s3":
-            fast = _fast(location, "list", lambda: s3.list_objects(location, deadline))
+        if fs is None:
+            fast = _fast(location, "list", lambda: _fast_tree(location, deadline))
             if fast is not None:
-                return fast[0]
+                return fast
         filesystem = fs or filesystem_for(location, timeout)
         if location.is_remote:
             # A listing must reflect storage now, not fsspec's memory of it.
@@ -115,6 +119,18 @@ def list_tree(
         return found
 
     return _retrying(listing, location, "list", delays, Deadline(timeout))
+
+
+def _fast_tree(location: Location, deadline: Deadline) -> dict[str, dict[str, Any]] | None:
+    """The fast client's recursive listing of ``location``; None where it has none."""
+    if location.scheme == "s3":
+        listed = s3.list_objects(location, deadline)
+        return None if listed is None else listed[0]
+    if location.scheme == "gs":
+        return gcs.list_objects(location, deadline)
+    if location.scheme == "as":
+        return azure.list_blobs(location, deadline)
+    return None
 
 
 def is_directory_entry(name: str, info: Mapping[str, Any]) -> bool:
@@ -230,7 +246,7 @@ def read_file(
         return with_retries(lambda: _read_local(path), location, "read", delays)
 
     def read(deadline: Deadline) -> bytes:
-        if fs is None and s3.can_read(location):
+        if fs is None:
             data = _fast(location, "read", lambda: _fast_whole(location, relpath, deadline))
             if data is not None:
                 return data
@@ -241,7 +257,14 @@ def read_file(
     return _retrying(read, location, "read", delays, Deadline(timeout), relpath)
 
 
-def _fast_whole(location: Location, relpath: str, deadline: Deadline) -> bytes:
+def _fast_whole(location: Location, relpath: str, deadline: Deadline) -> bytes | None:
+    """The whole small file by the fast client; None where it cannot serve the location."""
+    if location.scheme == "gs":
+        return gcs.read_object(location, relpath, deadline)
+    if location.scheme == "as":
+        return azure.read_blob(location, relpath, deadline)
+    if not s3.can_read(location):
+        return None
     body = s3.open_object(location, relpath, None, deadline)
     try:
         return body.read_all(deadline)
@@ -437,7 +460,7 @@ def _size_changed(location: Location, relpath: str, now: int, listed: int) -> Re
 
 
 def _fast(location: Location, what: str, call: Callable[[], T]) -> T | None:
-    """Run ``call`` with the fast S3 client; None when the SDK is to do it instead.
+    """Run ``call`` with the location's fast client; None when the SDK is to do it instead.
 
     Outages and missing objects are the same for every client: they are raised.
     Anything else the fast client cannot handle hands the location to the SDK.
@@ -453,13 +476,17 @@ def _fast(location: Location, what: str, call: Callable[[], T]) -> T | None:
             raise
         location.route.sdk = True
         _log.info(
-            "cacheagent: the fast S3 client could not %s %s (%s); the SDK serves this "
+            "cacheagent: the fast %s client could not %s %s (%s); the SDK serves this "
             "location from now on",
+            _CLIENT_NAMES.get(location.scheme, location.scheme),
             what,
             location.url,
             scrub(f"{type(exc).__name__}: {exc}", location)[:300],
         )
         return None
+
+
+_CLIENT_NAMES = {"s3": "S3", "gs": "GCS", "as": "Azure"}
 
 
 def _call(
@@ -620,7 +647,19 @@ def _secrets(options: dict[str, Any]) -> list[str]:
             found.extend(_secrets(value))
         elif isinstance(value, str) and key in _SECRET_KEYS and len(value) >= 4:
             found.append(value)
+            if key == "connection_string":
+                found.extend(_connection_string_secrets(value))
     return sorted(found, key=len, reverse=True)
+
+
+def _connection_string_secrets(text: str) -> list[str]:
+    # Its key or SAS alone may be quoted too, not only the whole string.
+    found = []
+    for item in text.split(";"):
+        name, _, value = item.partition("=")
+        if name.strip() in ("AccountKey", "SharedAccessSignature") and len(value.strip()) >= 4:
+            found.append(value.strip())
+    return found
 
 
 def _proxy_secrets(urls: Iterable[Any]) -> list[str]:

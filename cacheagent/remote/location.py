@@ -50,7 +50,7 @@ _SCHEME_RE = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 
 @dataclass
 class Route:
-    """Which client serves a location: the fast S3 client until it cannot, then the SDK.
+    """Which client serves a location: its fast client (S3, GCS, Azure), else the SDK.
 
     A listing or read the fast client cannot do (a region it signs wrongly, a
     redirect, an answer it does not understand) moves the location to the SDK

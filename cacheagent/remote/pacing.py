@@ -105,17 +105,17 @@ class AdaptiveLimit:
         _log.info("fetch: storage is throttling; down to %d requests in flight", self._limit)
 
 
-def part_size_for(cap: int, largest: int) -> int:
-    """Bytes per ranged part of a download that may grow to ``cap`` requests at once.
+def part_size_for(in_flight: int, largest: int) -> int:
+    """Bytes per ranged part when ``in_flight`` requests may run at once.
 
-    The memory budget shared by the parts in flight sets the size: a higher cap,
-    smaller parts, never below 1 MiB (where a request's latency starts to weigh)
-    nor above ``largest`` (the ``part_size`` setting). Whole MiB, so a blob splits
-    the same way every time.
+    The memory budget shared by the parts in flight (and those waiting to be
+    hashed) sets the size: more requests at once, smaller parts, never below
+    1 MiB (where a request's latency starts to weigh) nor above ``largest``
+    (the ``part_size`` setting). Whole MiB.
     """
     if largest < MIN_PART:
         return max(1, largest)
-    share = MEMORY_BUDGET // max(1, 2 * cap)
+    share = MEMORY_BUDGET // max(1, 2 * in_flight)
     return max(MIN_PART, (min(largest, share) // MiB) * MiB)
 
 

@@ -26,11 +26,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from cacheagent.errors import RemoteChangedError
 from cacheagent.local.store import BlobWriter, Store
 from cacheagent.remote.listing import WholeObject, read_part
 from cacheagent.remote.location import Location
 from cacheagent.remote.manifest import FileEntry
-from cacheagent.remote.pacing import Link, link_for, part_size_for
+from cacheagent.remote.pacing import MIN_PART, Link, link_for, part_size_for
 from cacheagent.settings import DEFAULT_CONCURRENCY, DEFAULT_PART_SIZE, DEFAULT_TIMEOUT
 
 if TYPE_CHECKING:  # a hit never needs a pool (see download)
@@ -50,18 +51,22 @@ class FetchSettings:
     part_size: int = DEFAULT_PART_SIZE
     timeout: float = DEFAULT_TIMEOUT
 
-    @property
-    def part_bytes(self) -> int:
-        """The size of each ranged part: smaller as the cap grows (one memory budget)."""
-        return part_size_for(self.concurrency, self.part_size)
+    def part_bytes(self, in_flight: int) -> int:
+        """The size of the next ranged part when ``in_flight`` requests may run at once.
+
+        Large while few requests run (fewer round trips on a fast link), down to
+        1 MiB as the number grows (they share one memory budget).
+        """
+        return part_size_for(in_flight, self.part_size)
 
 
 @dataclass
 class _File:
     """One file being downloaded: its blob, and which parts are already in it.
 
-    ``claimed`` holds the offsets of parts written (a part is claimed and written
-    under ``lock``, so every claimed part is in the blob). ``streaming`` is set
+    ``claimed`` holds the byte ranges written (a range is claimed and written
+    under ``lock``, so every claimed range is in the blob, and no byte is written
+    twice: the hash runs over each byte once, in order). ``streaming`` is set
     once a server answered a ranged GET with the whole object: that one answer
     then fills the blob and the file's other parts are not requested.
     """
@@ -69,7 +74,25 @@ class _File:
     entry: FileEntry
     writer: BlobWriter
     lock: threading.Lock = field(default_factory=threading.Lock)
-    claimed: set[int] = field(default_factory=set)
+    claimed: list[tuple[int, int]] = field(default_factory=list)
+
+    def overlaps(self, start: int, end: int) -> bool:
+        """True if any byte of [start, end) is already claimed."""
+        return any(s < end and start < e for s, e in self.claimed)
+
+    def gaps(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The unclaimed pieces of [start, end), in order."""
+        pieces, at = [], start
+        for s, e in sorted(self.claimed):
+            if e <= at or s >= end:
+                continue
+            if s > at:
+                pieces.append((at, s))
+            at = max(at, e)
+        if at < end:
+            pieces.append((at, end))
+        return pieces
+
     streaming: bool = False
 
 
@@ -97,7 +120,6 @@ class _Download:
     ) -> None:
         self.location, self.store = location, store
         self.settings, self.progress = settings, progress
-        self.part_size = settings.part_bytes
         self.link: Link = link_for(_endpoint(location))
         self.failed = threading.Event()
         self.held = 0  # bytes of the link's memory this download holds
@@ -106,7 +128,6 @@ class _Download:
         self.lock = threading.Lock()
 
     def parts(self, entries: list[FileEntry]) -> Iterator[_Part]:
-        part_size = self.part_size
         for entry in entries:
             writer = self.store.new_blob(entry.size)
             with self.lock:
@@ -115,8 +136,27 @@ class _Download:
                 self.finish(entry, writer)
                 continue
             file = _File(entry, writer)
-            for start in range(0, entry.size, part_size):
-                yield _Part(file, start, min(start + part_size, entry.size))
+            start = 0
+            while start < entry.size:
+                # Sized when cut: parts cut after the link has shown it needs many
+                # requests at once are smaller, so they all fit the memory budget.
+                end = min(start + self.next_part(entry.size - start), entry.size)
+                yield _Part(file, start, end)
+                start = end
+
+    def next_part(self, remaining: int) -> int:
+        """Bytes of the next part of a file with ``remaining`` bytes left to cut.
+
+        While the link is still being measured, parts are the smallest (1 MiB), so
+        each round of measurement is short even on a slow link. Then they are as
+        large as the memory budget's share of each request allows, but small
+        enough that a file alone keeps every allowed request busy, twice over.
+        """
+        if not self.link.limit.settled:
+            return MIN_PART
+        limit = self.link.limit.limit
+        spread = max(MIN_PART, (remaining // (2 * limit) // MIN_PART) * MIN_PART)
+        return min(self.settings.part_bytes(limit), spread)
 
     def fetch_part(self, part: _Part) -> None:
         size = part.end - part.start
@@ -134,7 +174,7 @@ class _Download:
                 self.stream(part.file, got, size)
                 return
             delivered = len(got)
-            self.store_part(part.file, part.start, got, holds_memory=True)
+            self.store_part(part.file, part.start, got)
         except BaseException:
             self.failed.set()
             self.free(size)
@@ -142,22 +182,41 @@ class _Download:
         finally:
             self.link.request_done(delivered)
 
-    def store_part(self, file: _File, offset: int, data: bytes, *, holds_memory: bool) -> None:
-        """Write one part unless it is already in the blob; free the memory hashing frees."""
+    def store_part(self, file: _File, offset: int, data: bytes) -> None:
+        """Write one part unless a whole-object stream wrote it; free what hashing frees."""
         with file.lock:
-            if offset in file.claimed:
-                if holds_memory:
-                    self.free(len(data))
+            if file.overlaps(offset, offset + len(data)):
+                self.free(len(data))
                 return
-            file.claimed.add(offset)
+            file.claimed.append((offset, offset + len(data)))
             before = file.writer.hashed_bytes
             _hashed, done = file.writer.write(offset, data)
             freed = file.writer.hashed_bytes - before
-        # Parts still waiting to be hashed keep their memory: that is the bound. A
-        # chunk of a whole-object answer is hashed at once and never held any.
-        self.free(freed if holds_memory else freed - len(data))
-        if self.progress:
-            self.progress(len(data))
+        # Parts still waiting to be hashed keep their memory: that is the bound.
+        self.free(freed)
+        self._wrote(file, len(data), done)
+
+    def store_stream(self, file: _File, offset: int, data: bytes) -> None:
+        """Write the bytes of a whole-object chunk that no part has written yet.
+
+        The stream runs from the start of the file, so everything before the chunk
+        is written and the chunk is hashed at once: it holds no memory of its own.
+        """
+        with file.lock:
+            pieces = file.gaps(offset, offset + len(data))
+            file.claimed.extend(pieces)
+            before = file.writer.hashed_bytes
+            done = False
+            for start, end in pieces:
+                done = file.writer.write(start, data[start - offset : end - offset])[1] or done
+            freed = file.writer.hashed_bytes - before
+        written = sum(end - start for start, end in pieces)
+        self.free(freed - written)  # what the chunk unblocked of parts held in memory
+        self._wrote(file, written, done)
+
+    def _wrote(self, file: _File, nbytes: int, done: bool) -> None:
+        if self.progress and nbytes:
+            self.progress(nbytes)
         if done:
             self.finish(file.entry, file.writer)
 
@@ -168,7 +227,7 @@ class _Download:
         until the end (the caller frees it on failure). Parts that other threads
         already wrote are read past; the stream stops once the blob is complete.
         """
-        entry, part_size = file.entry, self.part_size
+        entry, chunk = file.entry, self.settings.part_size
         with file.lock:
             already, file.streaming = file.streaming, True
         if already:  # another thread streams this file: drop this answer unread
@@ -182,11 +241,17 @@ class _Download:
                 self.location.url,
                 entry.path,
             )
-            for offset in range(0, entry.size, part_size):
-                if self.failed.is_set() or file.writer.complete:
-                    break
-                data = whole.read(min(part_size, entry.size - offset), self.settings.timeout)
-                self.store_part(file, offset, data, holds_memory=False)
+            offset = 0
+            while offset < entry.size and not (self.failed.is_set() or file.writer.complete):
+                data = whole.read(min(chunk, entry.size - offset), self.settings.timeout)
+                if not data:
+                    raise RemoteChangedError(
+                        f"{self.location.url}/{entry.path} ended after {offset} of {entry.size} "
+                        "bytes: the object changed while it was being downloaded; retry the load",
+                        url=self.location.url,
+                    )
+                self.store_stream(file, offset, data)
+                offset += len(data)
         finally:
             whole.close()
         self.free(held)
@@ -207,6 +272,8 @@ class _Download:
 
     def free(self, nbytes: int) -> None:
         """Give back memory this download held (a part hashed or dropped)."""
+        if nbytes <= 0:
+            return
         with self.lock:
             nbytes = min(nbytes, self.held)
             self.held -= nbytes
