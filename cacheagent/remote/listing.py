@@ -40,7 +40,7 @@ from cacheagent.errors import (
     RemoteNotFoundError,
     StorageUnavailableError,
 )
-from cacheagent.remote import azure, gcs, s3
+from cacheagent.remote import s3
 from cacheagent.remote.clients import filesystem_for
 from cacheagent.remote.faults import (
     CHANGED,
@@ -126,9 +126,15 @@ def _fast_tree(location: Location, deadline: Deadline) -> dict[str, dict[str, An
     if location.scheme == "s3":
         listed = s3.list_objects(location, deadline)
         return None if listed is None else listed[0]
+    # The GCS and Azure clients (XML, e-mail date parsing) are imported only where
+    # used: an S3 worker's first LOAD does not pay for them.
     if location.scheme == "gs":
+        from cacheagent.remote import gcs
+
         return gcs.list_objects(location, deadline)
     if location.scheme == "as":
+        from cacheagent.remote import azure
+
         return azure.list_blobs(location, deadline)
     return None
 
@@ -260,8 +266,12 @@ def read_file(
 def _fast_whole(location: Location, relpath: str, deadline: Deadline) -> bytes | None:
     """The whole small file by the fast client; None where it cannot serve the location."""
     if location.scheme == "gs":
+        from cacheagent.remote import gcs
+
         return gcs.read_object(location, relpath, deadline)
     if location.scheme == "as":
+        from cacheagent.remote import azure
+
         return azure.read_blob(location, relpath, deadline)
     if not s3.can_read(location):
         return None
