@@ -61,6 +61,7 @@ Other quirks:
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -204,6 +205,7 @@ class SeaweedS3(Emulator):
         # another master port would not find.
         self._ports: dict[str, int] = {}
         self._started_once = False
+        self._volumes_before = 0
 
     # -------------------------------------------------------------- locations
     @property
@@ -314,16 +316,39 @@ class SeaweedS3(Emulator):
         self._started_once = True
 
     def _answers(self) -> bool:
-        # Ready means ListBuckets answers 200: the gateway is up and has
-        # reached the filer. (An earlier response can be an error page.)
+        # Ready means ListBuckets answers 200 (the gateway is up and has reached
+        # the filer; an earlier response can be an error page), and the master
+        # knows a volume server holding every volume it had before a restart: a
+        # GET before that fails with InternalError (seen after restarts).
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         try:
             with opener.open(f"{self.url}/", timeout=2) as resp:
-                return resp.status == 200 and b"ListAllMyBucketsResult" in resp.read()
+                if resp.status != 200 or b"ListAllMyBucketsResult" not in resp.read():
+                    return False
         except (urllib.error.URLError, OSError):
             return False
+        return self._volumes() >= self._volumes_before
+
+    def _volumes(self) -> int:
+        """Volumes the master sees on its volume servers; -1 before one registered."""
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        url = f"http://{_LOOPBACK}:{self.ports['master.port']}/dir/status"
+        try:
+            with opener.open(url, timeout=2) as resp:
+                topology = json.load(resp).get("Topology", {})
+        except (urllib.error.URLError, OSError, ValueError):
+            return -1
+        nodes = [
+            node
+            for dc in topology.get("DataCenters") or []
+            for rack in dc.get("Racks") or []
+            for node in rack.get("DataNodes") or []
+        ]
+        return sum(int(node.get("Volumes", 0)) for node in nodes) if nodes else -1
 
     def _kill(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._volumes_before = max(self._volumes(), 0)  # to wait for at a restart
         # The base class waits a fixed 10 s after SIGTERM; this uses our own
         # bound, then SIGKILLs the group and leaves the reaping to the base.
         proc = self._proc
