@@ -806,3 +806,18 @@ def check_first_start_then_restart(
             assert cache.leases() == [], f"{phase}: leases left after shutdown"
             assert len(cache.snapshots()) == 1, "the snapshot must survive a shutdown"
     return measures[0], measures[1]
+
+
+def put_weighted_model(
+    rig: _BucketWriter, name: str, weights: Sequence[float], size: int = 0
+) -> int:
+    """Upload the add model ``models/<name>`` (weights.bin padded to ``size``); return its bytes."""
+    data = struct.pack("<4f", *weights)
+    data += os.urandom(max(size - len(data), 0))
+    files = {
+        "config.pbtxt": model_config(name, None).encode(),
+        "1/model.py": MODEL_PY.encode(),
+        "1/weights.bin": data,
+    }
+    rig.put_tree(f"models/{name}", files)
+    return sum(map(len, files.values()))

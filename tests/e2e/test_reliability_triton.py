@@ -14,7 +14,6 @@ import base64
 import contextlib
 import os
 import signal
-import struct
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -28,11 +27,11 @@ from cacheagent.local.index import Index
 from cacheagent.local.store import Store
 from harness.emulators import StorageRig
 from harness.triton import (
-    MODEL_PY,
     TritonHTTPError,
     TritonServer,
     _pbtxt_string,
     model_config,
+    put_weighted_model,
     wait_pid_gone,
 )
 from harness.wait import wait_for
@@ -46,19 +45,6 @@ X = [10.0, 20.0, 30.0, 40.0]
 
 
 # ---- helpers ------------------------------------------------------------------
-
-
-def put_model(rig: StorageRig, name: str, weights: Sequence[float], size: int = 0) -> int:
-    """Upload the add model ``models/<name>`` (weights.bin padded to ``size``); return its bytes."""
-    data = struct.pack("<4f", *weights)
-    data += os.urandom(max(size - len(data), 0))
-    files = {
-        "config.pbtxt": model_config(name, None).encode(),
-        "1/model.py": MODEL_PY.encode(),
-        "1/weights.bin": data,
-    }
-    rig.put_tree(f"models/{name}", files)
-    return sum(map(len, files.values()))
 
 
 def stub(repo: Path, name: str, rig: StorageRig | None, cache: Path, **params: str) -> Path:
@@ -155,7 +141,7 @@ def test_triton_killed_mid_fetch_then_restart_serves_right_weights(
 ) -> None:
     rig, cache, repo = s3_rig, tmp_path / "cache", tmp_path / "repo"
     weights = [1.0, 2.0, 3.0, 4.0]
-    size = put_model(rig, "add", weights, 6 * MiB)
+    size = put_weighted_model(rig, "add", weights, 6 * MiB)
     stub(repo, "add", rig, cache, concurrency="2", part_size="1MiB")
     rig.proxy.per_conn_bytes_per_s = MiB  # ~3 s of download: the kill lands inside it
 
@@ -190,7 +176,7 @@ def test_worker_killed_mid_fetch_then_load_again_serves_right_weights(
 ) -> None:
     rig, cache, repo = s3_rig, tmp_path / "cache", tmp_path / "repo"
     weights = [5.0, 6.0, 7.0, 8.0]
-    put_model(rig, "add", weights, 6 * MiB)
+    put_weighted_model(rig, "add", weights, 6 * MiB)
     stub(repo, "add", rig, cache, concurrency="2", part_size="1MiB")
     rig.proxy.per_conn_bytes_per_s = MiB
     server = triton_factory(repo, repoagent_dir=repoagent_dir, env=rig.env)
@@ -233,7 +219,7 @@ def test_verify_hash_refetches_a_flipped_weight_byte(
 ) -> None:
     rig, cache, repo = s3_rig, tmp_path / "cache", tmp_path / "repo"
     weights = [1.0, 2.0, 3.0, 4.0]
-    put_model(rig, "add", weights, 64 * 1024)
+    put_weighted_model(rig, "add", weights, 64 * 1024)
     stub(repo, "add", rig, cache, verify="hash")
     server = triton_factory(repo, repoagent_dir=repoagent_dir, env=rig.env)
     server.load("add")
@@ -265,9 +251,9 @@ def test_outage_serves_last_good_snapshot_or_fails_naming_the_url(
     triton_factory: Factory, s3_rig: StorageRig, repoagent_dir: Path, tmp_path: Path
 ) -> None:
     rig, cache, repo = s3_rig, tmp_path / "cache", tmp_path / "repo"
-    put_model(rig, "stale", [1.0, 1.0, 1.0, 1.0])
-    put_model(rig, "strict", [2.0, 2.0, 2.0, 2.0])
-    put_model(rig, "never", [3.0, 3.0, 3.0, 3.0])
+    put_weighted_model(rig, "stale", [1.0, 1.0, 1.0, 1.0])
+    put_weighted_model(rig, "strict", [2.0, 2.0, 2.0, 2.0])
+    put_weighted_model(rig, "never", [3.0, 3.0, 3.0, 3.0])
     stub(repo, "stale", rig, cache)
     stub(repo, "strict", rig, cache, stale_if_error="false")
     stub(repo, "never", rig, cache)
@@ -306,7 +292,7 @@ def test_two_tritons_sharing_a_cache_download_once(
 ) -> None:
     rig, cache, repo = s3_rig, tmp_path / "cache", tmp_path / "repo"
     weights = [4.0, 3.0, 2.0, 1.0]
-    size = put_model(rig, "add", weights, 3 * MiB)
+    size = put_weighted_model(rig, "add", weights, 3 * MiB)
     stub(repo, "add", rig, cache)
     # A crawl until both agents have listed the model (so both LOADs run at once),
     # then full speed.
@@ -340,7 +326,7 @@ def test_model_over_budget_fails_with_both_sizes_in_the_log(
     triton_factory: Factory, s3_rig: StorageRig, repoagent_dir: Path, tmp_path: Path
 ) -> None:
     rig, cache, repo = s3_rig, tmp_path / "cache", tmp_path / "repo"
-    size = put_model(rig, "big", [1.0] * 4, 2 * MB)
+    size = put_weighted_model(rig, "big", [1.0] * 4, 2 * MB)
     stub(repo, "big", rig, cache, max_size="1MB")
     server = triton_factory(repo, repoagent_dir=repoagent_dir, env=rig.env)
     with pytest.raises(TritonHTTPError):
@@ -391,7 +377,7 @@ def test_load_unload_cycles_over_budget_leak_nothing(
     budget = 5 * MB
     # The anchor: a real python model, leased for the whole test and least recently
     # used of all, so it is the first eviction candidate: it must never go.
-    put_model(rig, "anchor", [1.0, 1.0, 1.0, 1.0], MB // 2)
+    put_weighted_model(rig, "anchor", [1.0, 1.0, 1.0, 1.0], MB // 2)
     stub(repo, "anchor", rig, cache, max_size="5MB")
     names = ["e0", "e1", "e2"]  # 2 MB each: anchor + any two fit, all three do not
     for i, name in enumerate(names):
@@ -470,7 +456,7 @@ def test_credentials_never_reach_tritons_log(
     tmp_path: Path,
 ) -> None:
     cache, repo = tmp_path / "cache", tmp_path / "repo"
-    put_model(s3_rig, "good", [1.0] * 4)
+    put_weighted_model(s3_rig, "good", [1.0] * 4)
     azure_rig.put_tree("models/az", {"config.pbtxt": b"c", "1/model.py": b"#"})
     stub(repo, "good", s3_rig, cache)
     stub(
@@ -531,12 +517,12 @@ def test_models_with_different_settings_on_one_cache_keep_their_own_with_prefetc
     """
     rig, cache, repo = s3_rig, tmp_path / "cache", tmp_path / "repo"
     hashed, careless = [1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]
-    put_model(rig, "hashed", hashed)
-    put_model(rig, "careless", careless)
-    put_model(rig, "strict", [2.0] * 4)
-    put_model(rig, "lenient", [3.0] * 4)
-    put_model(rig, "small_budget", [4.0] * 4, 2 * MB)
-    put_model(rig, "no_budget", [5.0] * 4, 2 * MB)
+    put_weighted_model(rig, "hashed", hashed)
+    put_weighted_model(rig, "careless", careless)
+    put_weighted_model(rig, "strict", [2.0] * 4)
+    put_weighted_model(rig, "lenient", [3.0] * 4)
+    put_weighted_model(rig, "small_budget", [4.0] * 4, 2 * MB)
+    put_weighted_model(rig, "no_budget", [5.0] * 4, 2 * MB)
     on = {"prefetch": "true"}
     stub(repo, "careless", rig, cache, verify="none", **on)
     stub(repo, "hashed", rig, cache, verify="hash", **on)
@@ -593,7 +579,7 @@ def test_tritons_working_directory_never_shadows_the_workers_modules(
     started isolated (``python -I``), and the model loads with the right weights."""
     rig, cache, repo, cwd = s3_rig, tmp_path / "cache", tmp_path / "repo", tmp_path / "cwd"
     weights = [1.5, 2.5, 3.5, 4.5]
-    put_model(rig, "add", weights)
+    put_weighted_model(rig, "add", weights)
     stub(repo, "add", rig, cache)
     mark = tmp_path / "planted-module-ran"
     (cwd / "cacheagent").mkdir(parents=True)

@@ -9,9 +9,7 @@ that both LOADs miss at once.
 
 from __future__ import annotations
 
-import os
-import struct
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +17,7 @@ import pytest
 
 from harness.emulators import StorageRig
 from harness.seaweed import SeaweedS3
-from harness.triton import MODEL_PY, TritonServer, model_config
+from harness.triton import TritonServer, model_config, put_weighted_model
 from harness.wait import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -33,18 +31,6 @@ X = [10.0, 20.0, 30.0, 40.0]
 def tier() -> Iterator[StorageRig]:
     with SeaweedS3() as seaweed, StorageRig(seaweed) as rig:  # type: ignore[arg-type]
         yield rig
-
-
-def put_model(rig: StorageRig, name: str, weights: Sequence[float], size: int) -> int:
-    data = struct.pack("<4f", *weights)
-    data += os.urandom(max(size - len(data), 0))
-    files = {
-        "config.pbtxt": model_config(name, None).encode(),
-        "1/model.py": MODEL_PY.encode(),
-        "1/weights.bin": data,
-    }
-    rig.put_tree(f"models/{name}", files)
-    return sum(map(len, files.values()))
 
 
 def stub(repo: Path, name: str, params: dict[str, str]) -> None:
@@ -68,7 +54,7 @@ def test_two_tritons_with_their_own_caches_load_a_model_once_from_the_origin(
 ) -> None:
     rig = s3_rig
     weights = [4.0, 3.0, 2.0, 1.0]
-    size = put_model(rig, "add", weights, 12 * MiB)
+    size = put_weighted_model(rig, "add", weights, 12 * MiB)
     for i in range(2):
         stub(
             tmp_path / f"repo{i}",
