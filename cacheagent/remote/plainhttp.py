@@ -32,8 +32,8 @@ from cacheagent.remote.clients import proxy_for
 from cacheagent.remote.faults import Deadline
 
 USER_AGENT = f"cacheagent/{__version__} (plainhttp)"
-_BODY_PIECE = 1 << 20  # bodies are read in pieces, each held to the deadline
-_ERROR_BODY_LIMIT = 64 * 1024
+BODY_PIECE = 1 << 20  # bodies are read in pieces, each held to the deadline
+ERROR_BODY_LIMIT = 64 * 1024  # how much of an error answer is read
 _LOCAL = threading.local()
 _TLS: list[ssl.SSLContext] = []  # one default context, built on first HTTPS use
 
@@ -121,10 +121,10 @@ def get(origin: Origin, target: str, headers: Mapping[str, str], deadline: Deadl
             connection.request(
                 "GET", _request_target(origin, target), headers=_with_ours(origin, headers)
             )
-            _hold_to_deadline(connection, deadline)
+            hold_to_deadline(connection, deadline)
             response = connection.getresponse()
-            limit = None if response.status < 300 else _ERROR_BODY_LIMIT
-            body = _read_body(connection, response, deadline, limit)
+            limit = None if response.status < 300 else ERROR_BODY_LIMIT
+            body = read_body(connection, response, deadline, limit)
         except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected):
             connection.close()
             # A kept-alive connection the server closed meanwhile: one fresh try at once.
@@ -145,7 +145,7 @@ def _with_ours(origin: Origin, headers: Mapping[str, str]) -> dict[str, str]:
     # Host named explicitly: through a proxy, http.client would name the proxy's.
     sent = {"host": origin.netloc, "user-agent": USER_AGENT, **headers}
     if origin.proxy is not None and origin.scheme == "http":
-        sent.update(_proxy_authorization(origin.proxy))
+        sent.update(proxy_authorization(origin.proxy))
     return sent
 
 
@@ -156,7 +156,8 @@ def _request_target(origin: Origin, target: str) -> str:
     return target
 
 
-def _proxy_authorization(proxy: urllib.parse.SplitResult) -> dict[str, str]:
+def proxy_authorization(proxy: urllib.parse.SplitResult) -> dict[str, str]:
+    """Basic credentials for a proxy URL that carries a user (never logged)."""
     if proxy.username is None:
         return {}
     user = urllib.parse.unquote(proxy.username)
@@ -181,7 +182,7 @@ def _new_connection(origin: Origin) -> http.client.HTTPConnection:
     if origin.scheme == "http":
         return http.client.HTTPConnection(proxy.hostname or "", proxy.port)
     connection = http.client.HTTPSConnection(proxy.hostname or "", proxy.port, context=_tls())
-    connection.set_tunnel(origin.host, origin.port, _proxy_authorization(proxy))
+    connection.set_tunnel(origin.host, origin.port, proxy_authorization(proxy))
     return connection
 
 
@@ -194,22 +195,24 @@ def _pooled(origin: Origin) -> tuple[http.client.HTTPConnection, bool]:
     return connection, connection.sock is not None
 
 
-def _hold_to_deadline(connection: http.client.HTTPConnection, deadline: Deadline) -> None:
+def hold_to_deadline(connection: http.client.HTTPConnection, deadline: Deadline) -> None:
+    """Bound the next socket read by the operation's deadline."""
     if connection.sock is not None:
         connection.sock.settimeout(deadline.read_timeout())
 
 
-def _read_body(
+def read_body(
     connection: http.client.HTTPConnection,
     response: http.client.HTTPResponse,
     deadline: Deadline,
-    limit: int | None,
+    limit: int | None = None,
 ) -> bytes:
+    """The rest of the body (at most ``limit`` bytes), each piece within the deadline."""
     pieces: list[bytes] = []
     total = 0
     while limit is None or total < limit:
-        _hold_to_deadline(connection, deadline)
-        piece = response.read(_BODY_PIECE if limit is None else min(_BODY_PIECE, limit - total))
+        hold_to_deadline(connection, deadline)
+        piece = response.read(BODY_PIECE if limit is None else min(BODY_PIECE, limit - total))
         if not piece:
             break
         pieces.append(piece)

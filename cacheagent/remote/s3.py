@@ -22,7 +22,6 @@ to hand the location to the SDK, or to report the cause.
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import functools
 import hashlib
@@ -33,11 +32,13 @@ import ssl
 import threading
 import urllib.parse
 import xml.etree.ElementTree as ET
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from cacheagent import __version__
 from cacheagent.errors import RemoteConfigError
+from cacheagent.remote import plainhttp
 from cacheagent.remote.faults import Deadline
 from cacheagent.remote.location import Location
 from cacheagent.settings import DEFAULT_TIMEOUT
@@ -56,28 +57,35 @@ def _hmac(key: bytes, msg: str) -> bytes:
     return hmac.new(key, msg.encode(), hashlib.sha256).digest()
 
 
-def sign_get(
+def sign(
+    method: str,
     host: str,
     path: str,
-    query: dict[str, str],
+    query: Mapping[str, str],
     key: str,
     secret: str,
     region: str,
     token: str | None = None,
+    payload_sha256: str = EMPTY_SHA256,
     now: dt.datetime | None = None,
 ) -> dict[str, str]:
-    """The headers of a SigV4-signed S3 GET of ``path`` with ``query`` (no body)."""
+    """The headers of a SigV4-signed S3 request ``method path`` with ``query``.
+
+    ``payload_sha256`` is the body's hash as sent in ``x-amz-content-sha256``
+    (``UNSIGNED-PAYLOAD`` for a body left unsigned). Only ``host`` and the
+    ``x-amz-*`` headers are signed.
+    """
     now = now or dt.datetime.now(dt.timezone.utc)
     amz_date = now.strftime("%Y%m%dT%H%M%SZ")
     day = amz_date[:8]
-    headers = {"host": host, "x-amz-content-sha256": EMPTY_SHA256, "x-amz-date": amz_date}
+    headers = {"host": host, "x-amz-content-sha256": payload_sha256, "x-amz-date": amz_date}
     if token:
         headers["x-amz-security-token"] = token
     canonical_query = "&".join(f"{_quote(k)}={_quote(v)}" for k, v in sorted(query.items()))
     signed = ";".join(sorted(headers))
     canonical_headers = "".join(f"{k}:{headers[k].strip()}\n" for k in sorted(headers))
     canonical_request = "\n".join(
-        ["GET", _quote_path(path), canonical_query, canonical_headers, signed, EMPTY_SHA256]
+        [method, quote_path(path), canonical_query, canonical_headers, signed, payload_sha256]
     )
     scope = f"{day}/{region}/s3/aws4_request"
     string_to_sign = "\n".join(
@@ -98,7 +106,22 @@ def sign_get(
     return headers
 
 
-def _quote_path(path: str) -> str:
+def sign_get(
+    host: str,
+    path: str,
+    query: dict[str, str],
+    key: str,
+    secret: str,
+    region: str,
+    token: str | None = None,
+    now: dt.datetime | None = None,
+) -> dict[str, str]:
+    """The headers of a SigV4-signed S3 GET of ``path`` with ``query`` (no body)."""
+    return sign("GET", host, path, query, key, secret, region, token, EMPTY_SHA256, now)
+
+
+def quote_path(path: str) -> str:
+    """``path`` percent-encoded as SigV4's canonical URI (and the request line) has it."""
     return urllib.parse.quote(path, safe="/" + _SAFE)
 
 
@@ -187,8 +210,7 @@ def can_read(location: Location) -> bool:
 # -- connections ---------------------------------------------------------------
 
 _LOCAL = threading.local()
-_BODY_PIECE = 1 << 20  # read bodies in pieces, so each piece can be held to the deadline
-_ERROR_BODY_LIMIT = 64 * 1024
+_BODY_PIECE = plainhttp.BODY_PIECE  # read bodies in pieces, each held to the deadline
 
 
 @functools.lru_cache(maxsize=8)
@@ -202,15 +224,6 @@ def _tls_context(ca_bundle: str | None) -> ssl.SSLContext:
         ) from exc
 
 
-def _proxy_authorization(proxy: urllib.parse.SplitResult) -> dict[str, str]:
-    if proxy.username is None:
-        return {}
-    user = urllib.parse.unquote(proxy.username)
-    password = urllib.parse.unquote(proxy.password or "")
-    token = base64.b64encode(f"{user}:{password}".encode()).decode()
-    return {"Proxy-Authorization": f"Basic {token}"}
-
-
 def _new_connection(ep: Endpoint) -> http.client.HTTPConnection:
     origin, proxy = ep.origin, ep.proxy
     tls = _tls_context(ep.ca_bundle) if origin.scheme == "https" else None
@@ -218,11 +231,11 @@ def _new_connection(ep: Endpoint) -> http.client.HTTPConnection:
         if tls is not None:
             return http.client.HTTPSConnection(origin.hostname or "", origin.port, context=tls)
         return http.client.HTTPConnection(origin.hostname or "", origin.port)
-    if tls is None:  # plain HTTP through a proxy: absolute-form requests (see _target)
+    if tls is None:  # plain HTTP through a proxy: absolute-form requests (see request_target)
         return http.client.HTTPConnection(proxy.hostname or "", proxy.port)
     # HTTPS through a proxy: a CONNECT tunnel, TLS end to end with the origin.
     connection = http.client.HTTPSConnection(proxy.hostname or "", proxy.port, context=tls)
-    connection.set_tunnel(origin.hostname or "", origin.port, _proxy_authorization(proxy))
+    connection.set_tunnel(origin.hostname or "", origin.port, plainhttp.proxy_authorization(proxy))
     return connection
 
 
@@ -235,16 +248,11 @@ def _pooled(ep: Endpoint) -> tuple[http.client.HTTPConnection, bool]:
     return connection, connection.sock is not None
 
 
-def _target(ep: Endpoint, path_and_query: str) -> str:
+def request_target(ep: Endpoint, path_and_query: str) -> str:
+    """The request line's target: absolute form for plain HTTP through a proxy."""
     if ep.proxy is not None and ep.origin.scheme == "http":
         return f"http://{ep.origin.netloc}{path_and_query}"
     return path_and_query
-
-
-def _hold_to_deadline(connection: http.client.HTTPConnection, deadline: Deadline) -> None:
-    """Bound the next socket read by the operation's deadline."""
-    if connection.sock is not None:
-        connection.sock.settimeout(deadline.read_timeout())
 
 
 def _send(
@@ -256,16 +264,16 @@ def _send(
         headers["user-agent"] = USER_AGENT  # unsigned; names us in storage access logs
         headers.update(extra)
         if ep.proxy is not None and ep.origin.scheme == "http":
-            headers.update(_proxy_authorization(ep.proxy))
-        encoded = _quote_path(path)
+            headers.update(plainhttp.proxy_authorization(ep.proxy))
+        encoded = quote_path(path)
         if query:
             pairs = sorted(query.items())
             encoded += "?" + urllib.parse.urlencode(pairs, safe=_SAFE, quote_via=urllib.parse.quote)
         connection, reused = _pooled(ep)
         connection.timeout = deadline.connect_timeout()  # used by the next connect
         try:
-            connection.request("GET", _target(ep, encoded), headers=headers)
-            _hold_to_deadline(connection, deadline)
+            connection.request("GET", request_target(ep, encoded), headers=headers)
+            plainhttp.hold_to_deadline(connection, deadline)
             return connection, connection.getresponse()
         except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected):
             connection.close()
@@ -289,30 +297,12 @@ def _read_exactly(
     view = memoryview(buffer)
     got = 0
     while got < size:
-        _hold_to_deadline(connection, deadline)
+        plainhttp.hold_to_deadline(connection, deadline)
         n = response.readinto(view[got : got + min(_BODY_PIECE, size - got)])
         if not n:
             raise http.client.IncompleteRead(bytes(buffer[:got]), size - got)
         got += n
     return buffer  # type: ignore[return-value]  # bytes-like, without a copy
-
-
-def _read_to_end(
-    connection: http.client.HTTPConnection,
-    response: http.client.HTTPResponse,
-    deadline: Deadline,
-    limit: int | None = None,
-) -> bytes:
-    pieces: list[bytes] = []
-    total = 0
-    while limit is None or total < limit:
-        _hold_to_deadline(connection, deadline)
-        piece = response.read(_BODY_PIECE if limit is None else min(_BODY_PIECE, limit - total))
-        if not piece:
-            break
-        pieces.append(piece)
-        total += len(piece)
-    return b"".join(pieces)
 
 
 def _raise_for_status(
@@ -321,7 +311,7 @@ def _raise_for_status(
     if response.status in (200, 206):
         return
     try:
-        body = _read_to_end(connection, response, deadline, _ERROR_BODY_LIMIT)
+        body = plainhttp.read_body(connection, response, deadline, plainhttp.ERROR_BODY_LIMIT)
     except (OSError, http.client.HTTPException):
         body = b""
     connection.close()  # whatever is left of the body is not worth reading
@@ -388,7 +378,7 @@ class Body:
     def read_all(self, deadline: Deadline) -> bytes:
         """The rest of the body (for small objects: its length need not be known)."""
         try:
-            data = _read_to_end(self._connection, self._response, deadline)
+            data = plainhttp.read_body(self._connection, self._response, deadline)
         except BaseException:
             self._connection.close()
             raise
@@ -485,7 +475,7 @@ def list_objects(
         connection, response = _send(ep, f"/{bucket}", query, {}, deadline)
         _raise_for_status(connection, response, deadline)
         try:
-            root = ET.fromstring(_read_to_end(connection, response, deadline))
+            root = ET.fromstring(plainhttp.read_body(connection, response, deadline))
         except BaseException:
             connection.close()  # a half-read answer leaves the connection unusable
             raise

@@ -19,19 +19,17 @@ already hashed by the fetch, and signing it would hash every byte once more.
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
-import hashlib
-import hmac
 import http.client
 import socket
 import ssl
 import threading
-import urllib.parse
 from collections.abc import Mapping
 
 from cacheagent import __version__
+from cacheagent.remote import s3
 from cacheagent.remote.location import Location
+from cacheagent.remote.plainhttp import ERROR_BODY_LIMIT, proxy_authorization
 from cacheagent.remote.s3 import Endpoint
 from cacheagent.tier.backend import OP_TIMEOUT, retrying
 from cacheagent.tier.errors import (
@@ -43,17 +41,7 @@ from cacheagent.tier.errors import (
 
 USER_AGENT = f"cacheagent/{__version__} (tier)"
 UNSIGNED = "UNSIGNED-PAYLOAD"
-_SAFE = "-_.~"
-_ERROR_BODY_LIMIT = 64 * 1024
 _OUTAGE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
-
-
-def _quote_path(path: str) -> str:
-    return urllib.parse.quote(path, safe="/" + _SAFE)
-
-
-def _hmac(key: bytes, msg: str) -> bytes:
-    return hmac.new(key, msg.encode(), hashlib.sha256).digest()
 
 
 def sign(
@@ -67,39 +55,9 @@ def sign(
 
     ``extra`` headers are sent too; only ``host`` and the ``x-amz-*`` ones are signed.
     """
-    now = now or dt.datetime.now(dt.timezone.utc)
-    amz_date = now.strftime("%Y%m%dT%H%M%SZ")
-    day = amz_date[:8]
-    signed_headers = {
-        "host": ep.origin.netloc,
-        "x-amz-content-sha256": UNSIGNED,
-        "x-amz-date": amz_date,
-    }
-    if ep.token:
-        signed_headers["x-amz-security-token"] = ep.token
-    names = ";".join(sorted(signed_headers))
-    canonical = "\n".join(
-        [
-            method,
-            _quote_path(path),
-            "",
-            "".join(f"{k}:{signed_headers[k].strip()}\n" for k in sorted(signed_headers)),
-            names,
-            UNSIGNED,
-        ]
-    )
-    scope = f"{day}/{ep.region}/s3/aws4_request"
-    to_sign = "\n".join(
-        ["AWS4-HMAC-SHA256", amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()]
-    )
-    key = _hmac(
-        _hmac(_hmac(_hmac(f"AWS4{ep.secret}".encode(), day), ep.region), "s3"), "aws4_request"
-    )
-    signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
-    headers = dict(signed_headers)
-    headers["authorization"] = (
-        f"AWS4-HMAC-SHA256 Credential={ep.key}/{scope}, SignedHeaders={names}, "
-        f"Signature={signature}"
+    netloc = ep.origin.netloc
+    headers = s3.sign(
+        method, netloc, path, {}, ep.key, ep.secret, ep.region, ep.token, UNSIGNED, now
     )
     headers["user-agent"] = USER_AGENT
     headers.update(extra or {})
@@ -179,7 +137,7 @@ class FastS3Backend:
         path = f"{self._base}/{key}"
         headers = sign(method, self.ep, path, extra)
         if self.ep.proxy is not None and self.ep.origin.scheme == "http":
-            headers.update(_proxy_authorization(self.ep.proxy))
+            headers.update(proxy_authorization(self.ep.proxy))
         if body is not None:
             headers["content-length"] = str(len(body))
         for fresh in (False, True):
@@ -254,10 +212,7 @@ class FastS3Backend:
         )
 
     def _target(self, path: str) -> str:
-        quoted = _quote_path(path)
-        if self.ep.proxy is not None and self.ep.origin.scheme == "http":
-            return f"http://{self.ep.origin.netloc}{quoted}"  # absolute form through a proxy
-        return quoted
+        return s3.request_target(self.ep, s3.quote_path(path))
 
     def _connection(self, fresh: bool) -> http.client.HTTPConnection:
         pool: dict[int, http.client.HTTPConnection] = self._local.__dict__.setdefault("pool", {})
@@ -277,7 +232,7 @@ class FastS3Backend:
                 tunnel = http.client.HTTPSConnection(
                     proxy.hostname or "", proxy.port, timeout=self.timeout, context=context
                 )
-                tunnel.set_tunnel(host, port, _proxy_authorization(proxy))
+                tunnel.set_tunnel(host, port, proxy_authorization(proxy))
                 return tunnel
             return http.client.HTTPSConnection(host, port, timeout=self.timeout, context=context)
         if proxy is not None:
@@ -287,21 +242,11 @@ class FastS3Backend:
         return http.client.HTTPConnection(host, port, timeout=self.timeout)
 
 
-def _proxy_authorization(proxy: urllib.parse.SplitResult) -> dict[str, str]:
-    """Basic credentials for a proxy URL that carries a user (never logged)."""
-    if proxy.username is None:
-        return {}
-    user = urllib.parse.unquote(proxy.username)
-    password = urllib.parse.unquote(proxy.password or "")
-    token = base64.b64encode(f"{user}:{password}".encode()).decode()
-    return {"Proxy-Authorization": f"Basic {token}"}
-
-
 def _error_code(body: bytes) -> str | None:
     import xml.etree.ElementTree as ET
 
     try:
-        root = ET.fromstring(body[:_ERROR_BODY_LIMIT])
+        root = ET.fromstring(body[:ERROR_BODY_LIMIT])
     except ET.ParseError:
         return None
     return root.findtext("Code")
