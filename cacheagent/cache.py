@@ -27,10 +27,8 @@ from cacheagent.local.index import Index, LeaseRecord, SnapshotRecord, content_i
 from cacheagent.local.leases import HeldLeases
 from cacheagent.local.locks import LockTimeoutError, file_lock
 from cacheagent.local.store import Store
-from cacheagent.remote.listing import list_manifest
 from cacheagent.remote.location import Location, parse_location
 from cacheagent.remote.manifest import FileEntry, Manifest
-from cacheagent.remote.transfer import FetchSettings, ProgressFn, download
 from cacheagent.settings import (
     MAX_SIZE_ENV,
     Settings,
@@ -41,9 +39,28 @@ from cacheagent.settings import (
 from cacheagent.sizes import format_size
 
 if TYPE_CHECKING:
+    from cacheagent.remote.transfer import FetchSettings, ProgressFn
     from cacheagent.tier import Tier
 
 _log = logging.getLogger(__name__)
+
+
+# Storage clients (http.client, ssl, the signers) load only when a call needs
+# them: a LOAD validated by the start listing and answered from the cache never does.
+def list_manifest(*args: Any, **kwargs: Any) -> Manifest:
+    """:func:`cacheagent.remote.listing.list_manifest`, imported on first use."""
+    from cacheagent.remote.listing import list_manifest as listing
+
+    return listing(*args, **kwargs)
+
+
+def download(*args: Any, **kwargs: Any) -> dict[str, str]:
+    """:func:`cacheagent.remote.transfer.download`, imported on first use."""
+    from cacheagent.remote.transfer import download as transfer
+
+    return transfer(*args, **kwargs)
+
+
 # Publishing re-fetches blobs an eviction collected meanwhile; this bounds that.
 _PUBLISH_ROUNDS = 3
 # How long a fetch waits for another process building the same snapshot before
@@ -240,6 +257,12 @@ class Cache:
             self._check_budget(manifest, loc, call.budget)
         raise AssertionError("unreachable")
 
+    def holds(self, manifest: Manifest) -> bool:
+        """True if a snapshot of ``manifest`` is cached (a lookup only: no lease, no counters)."""
+        return self.index.get_snapshot(manifest.key) is not None and self.store.has_snapshot(
+            manifest.key
+        )
+
     def budget(self, settings: Settings | None = None) -> int | None:
         """The budget a call works to: the stricter of its ``max_size`` and the node's.
 
@@ -378,6 +401,8 @@ class Cache:
         # An eviction may collect a blob we hold but have not linked yet; publishing
         # checks under the (brief) gc lock and fetches such a blob again.
         for _round in range(_PUBLISH_ROUNDS):
+            from cacheagent.remote.transfer import FetchSettings
+
             fetching = FetchSettings(
                 call.settings.concurrency, call.settings.part_size, call.settings.timeout
             )

@@ -72,7 +72,10 @@ class _File:
     """
 
     entry: FileEntry
-    writer: BlobWriter
+    # Created by the first part that arrives, on that part's thread: creating
+    # hundreds of temp files on the loop that submits parts would serialize them
+    # behind the GIL while the pool's threads hold it.
+    writer: BlobWriter | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     claimed: list[tuple[int, int]] = field(default_factory=list)
 
@@ -94,6 +97,11 @@ class _File:
         return pieces
 
     streaming: bool = False
+
+    @property
+    def complete(self) -> bool:
+        """True once every byte is in the blob and hashed."""
+        return self.writer is not None and self.writer.complete
 
 
 @dataclass
@@ -129,13 +137,11 @@ class _Download:
 
     def parts(self, entries: list[FileEntry]) -> Iterator[_Part]:
         for entry in entries:
-            writer = self.store.new_blob(entry.size)
-            with self.lock:
-                self.writers.append(writer)
+            file = _File(entry)
             if entry.size == 0:
-                self.finish(entry, writer)
+                with file.lock:
+                    self.finish(entry, self.writer_of(file))
                 continue
-            file = _File(entry, writer)
             start = 0
             while start < entry.size:
                 # Sized when cut: parts cut after the link has shown it needs many
@@ -157,6 +163,15 @@ class _Download:
         limit = self.link.limit.limit
         spread = max(MIN_PART, (remaining // (2 * limit) // MIN_PART) * MIN_PART)
         return min(self.settings.part_bytes(limit), spread)
+
+    def writer_of(self, file: _File) -> BlobWriter:
+        """``file``'s blob writer, created on first use (the caller holds ``file.lock``)."""
+        if file.writer is None:
+            writer = self.store.new_blob(file.entry.size)
+            with self.lock:
+                self.writers.append(writer)
+            file.writer = writer
+        return file.writer
 
     def fetch_part(self, part: _Part) -> None:
         size = part.end - part.start
@@ -189,9 +204,10 @@ class _Download:
                 self.free(len(data))
                 return
             file.claimed.append((offset, offset + len(data)))
-            before = file.writer.hashed_bytes
-            _hashed, done = file.writer.write(offset, data)
-            freed = file.writer.hashed_bytes - before
+            writer = self.writer_of(file)
+            before = writer.hashed_bytes
+            _hashed, done = writer.write(offset, data)
+            freed = writer.hashed_bytes - before
         # Parts still waiting to be hashed keep their memory: that is the bound.
         self.free(freed)
         self._wrote(file, len(data), done)
@@ -205,11 +221,12 @@ class _Download:
         with file.lock:
             pieces = file.gaps(offset, offset + len(data))
             file.claimed.extend(pieces)
-            before = file.writer.hashed_bytes
+            writer = self.writer_of(file)
+            before = writer.hashed_bytes
             done = False
             for start, end in pieces:
-                done = file.writer.write(start, data[start - offset : end - offset])[1] or done
-            freed = file.writer.hashed_bytes - before
+                done = writer.write(start, data[start - offset : end - offset])[1] or done
+            freed = writer.hashed_bytes - before
         written = sum(end - start for start, end in pieces)
         self.free(freed - written)  # what the chunk unblocked of parts held in memory
         self._wrote(file, written, done)
@@ -218,6 +235,7 @@ class _Download:
         if self.progress and nbytes:
             self.progress(nbytes)
         if done:
+            assert file.writer is not None  # it wrote the last byte
             self.finish(file.entry, file.writer)
 
     def stream(self, file: _File, whole: WholeObject, held: int) -> None:
@@ -242,7 +260,7 @@ class _Download:
                 entry.path,
             )
             offset = 0
-            while offset < entry.size and not (self.failed.is_set() or file.writer.complete):
+            while offset < entry.size and not (self.failed.is_set() or file.complete):
                 data = whole.read(min(chunk, entry.size - offset), self.settings.timeout)
                 if not data:
                     raise RemoteChangedError(
@@ -313,32 +331,34 @@ def download(
     # Largest first: the long transfers start early and small files fill the gaps.
     ordered = sorted(entries, key=lambda e: e.size, reverse=True)
     # Imported here: a worker answering hits never needs a pool (see actions.py).
-    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+    from concurrent.futures import ALL_COMPLETED, FIRST_EXCEPTION, wait
 
     futures: list[Future[None]] = []
-    cap = run.settings.concurrency
-    run.link.begin(cap)
+    run.link.begin(run.settings.concurrency)
     try:
-        with ThreadPoolExecutor(cap, thread_name_prefix="cacheagent-fetch") as pool:
-            try:
-                for part in run.parts(ordered):
-                    if part.file.streaming:
-                        continue  # one whole-object answer is filling this file
-                    if not run.take(part.end - part.start):
-                        break
-                    futures.append(pool.submit(run.fetch_part, part))
-                wait(futures, return_when=FIRST_EXCEPTION)
-            except BaseException:
-                # E.g. creating a temp blob failed (disk out of inodes): let the parts in
-                # flight stop, then drop every partial blob, or their files and fds leak.
-                run.failed.set()
-                pool.shutdown(wait=True, cancel_futures=True)
-                run.abort()
-                raise
-            finally:
-                if run.failed.is_set():
-                    for future in futures:
-                        future.cancel()
+        try:
+            for part in run.parts(ordered):
+                if part.file.streaming:
+                    continue  # one whole-object answer is filling this file
+                if not run.take(part.end - part.start):
+                    break
+                futures.append(run.link.submit(run.fetch_part, part))
+            wait(futures, return_when=FIRST_EXCEPTION)
+        except BaseException:
+            # E.g. an interrupt: let the parts in flight stop, then drop every
+            # partial blob, or their files and fds leak.
+            run.failed.set()
+            raise
+        finally:
+            if run.failed.is_set():
+                for future in futures:
+                    future.cancel()
+            # The pool is the link's (other downloads share it): wait for this
+            # download's own parts, so none writes to a blob after it is dropped.
+            wait(futures, return_when=ALL_COMPLETED)
+    except BaseException:
+        run.abort()
+        raise
     finally:
         run.settle(futures)
         run.link.end()

@@ -25,7 +25,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cacheagent.remote.listing import start_listing
 from cacheagent.remote.location import parse_location
 from cacheagent.sizes import format_size
 from cacheagent.triton.layout import version_selection
@@ -106,6 +105,8 @@ def _load(request: dict[str, Any], params: AgentParams, model: str, log: LogFn) 
     # Under 'cacheagent run' this start's one listing of the repository validates the model.
     listed = listed_at_start(location, select)
     if listed is None:
+        from cacheagent.remote.listing import start_listing  # only when storage is listed
+
         listed = start_listing(location, select, params.settings.timeout)
     else:
         log("VERBOSE", f"cacheagent: model '{model}': validated by this start's listing")

@@ -20,6 +20,7 @@ later simply uses the new launcher.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -75,6 +76,11 @@ installed, or set CACHEAGENT_PYTHON to it"
     echo "LOG ERROR $msg"
     exit {status}
 fi
+if [ "$python" = "$recorded" ] && [ {fast} = 1 ]; then
+    # No site (-S): the worker's paths were recorded at install, which saves
+    # processing every .pth file of the venv on each worker start.
+    exec "$python" -I -S -c '{boot}' "$@"
+fi
 exec "$python" -I -m cacheagent.triton.worker "$@"
 """
 
@@ -86,7 +92,35 @@ def launcher_script(python: str) -> str:
     """
     quoted = python.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$")
     quoted = quoted.replace("`", "\\`")
-    return _LAUNCHER.format(python=quoted, status=LAUNCHER_NO_PYTHON)
+    boot = _boot_code(python)
+    return _LAUNCHER.format(
+        python=quoted, status=LAUNCHER_NO_PYTHON, boot=boot, fast=1 if boot else 0
+    )
+
+
+def _boot_code(python: str) -> str:
+    """Python code that starts the worker under ``python -I -S``, or "" when it cannot.
+
+    Only for the interpreter running this install (its paths are known here): the
+    directory holding the cacheagent package, then that interpreter's site-packages,
+    exactly what ``site`` would have put on ``sys.path``, minus the .pth hooks.
+    Code with a quote or a newline in a path falls back to ``-m`` (no quoting games).
+    """
+    if os.path.realpath(python) != os.path.realpath(sys.executable):
+        return ""
+    import site
+
+    import cacheagent
+
+    package_root = str(Path(cacheagent.__file__).resolve().parent.parent)
+    paths = [package_root, *(p for p in site.getsitepackages() if p != package_root)]
+    code = (
+        f"import sys; sys.path[:0] = {json.dumps(paths)}; "
+        "from cacheagent.triton.worker import run; run()"
+    )
+    if any(c in code for c in "'\n\\"):  # the code goes inside sh's single quotes
+        return ""
+    return code
 
 
 def install_triton(repoagent_dir: Path, python: str = sys.executable) -> Path:

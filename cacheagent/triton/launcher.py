@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import xxhash
 
@@ -69,6 +70,9 @@ from cacheagent.triton.install import (
 )
 from cacheagent.triton.params import parse_params
 from cacheagent.triton.startlisting import START_ENV, ModelRecord, record_name
+
+if TYPE_CHECKING:
+    from cacheagent.triton.startfetch import StartFetcher
 from cacheagent.triton.stubsync import (
     RepositoryListing,
     SyncReport,
@@ -399,6 +403,9 @@ class Launcher:
         self._pending: list[int] = []
         self._stop_polling = threading.Event()
         self._poller: threading.Thread | None = None
+        self._fetcher: StartFetcher | None = None
+        self._fetcher_lock = threading.Lock()
+        self.fetch_threads: list[threading.Thread] = []
 
     # ---- the whole run ----
 
@@ -486,6 +493,51 @@ class Launcher:
         self._write_records(repo, listing)
         report = sync_stub(listing, repo.stub_dir, self.options.params)
         self._log_sync(repo, listing, report, first)
+        self._fetch_missing(repo, listing)
+
+    # ---- the start fetch ----
+
+    def _fetch_missing(self, repo: CloudRepository, listing: RepositoryListing) -> None:
+        """Fetch the models of ``listing`` the cache lacks, at once, in the background.
+
+        On a thread of its own, so Triton starts meanwhile: planning reads the stub
+        configs with Triton's schema and opens the cache, work a warm start should
+        not wait for. See :mod:`cacheagent.triton.startfetch`.
+        """
+        thread = threading.Thread(
+            target=self._run_fetch,
+            args=(repo, listing),
+            name="cacheagent-run-fetch",
+            daemon=True,  # never holds the launcher's exit: Triton's status is what counts
+        )
+        self.fetch_threads.append(thread)
+        thread.start()
+
+    def _run_fetch(self, repo: CloudRepository, listing: RepositoryListing) -> None:
+        try:
+            with self._fetcher_lock:
+                if self._fetcher is None:
+                    from cacheagent.triton.startfetch import StartFetcher
+
+                    self._fetcher = StartFetcher(self.triton_env())
+                fetcher = self._fetcher
+            fetcher.fetch_missing(listing.models.values(), repo.stub_dir, self.policy.models)
+        except Exception as exc:  # the fetch is a head start; each LOAD still fetches
+            log.warning(
+                "could not start fetching the models of %s (%s: %s); each model's LOAD "
+                "fetches it instead",
+                repo.location.url,
+                type(exc).__name__,
+                exc,
+            )
+
+    def wait_for_fetches(self, timeout: float) -> None:
+        """Wait (at most ``timeout`` s) for the start fetch to finish: for tests."""
+        deadline = time.monotonic() + timeout
+        for thread in list(self.fetch_threads):
+            thread.join(max(0.0, deadline - time.monotonic()))
+        if self._fetcher is not None:
+            self._fetcher.join(max(0.0, deadline - time.monotonic()))
 
     def _listing_failed(self, repo: CloudRepository, exc: CacheAgentError, first: bool) -> None:
         has_stub = repo.stub_dir.is_dir()

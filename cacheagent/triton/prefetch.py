@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from cacheagent.cache import Cache
@@ -22,8 +23,8 @@ from cacheagent.errors import CacheAgentError
 from cacheagent.remote.listing import list_model_names, read_file
 from cacheagent.remote.location import Location, parse_location
 from cacheagent.triton.config import CONFIG_FILE, agent_parameters, config_json, parse_config
-from cacheagent.triton.layout import version_selection
-from cacheagent.triton.params import parse_params
+from cacheagent.triton.layout import Selector, version_selection
+from cacheagent.triton.params import AgentParams, parse_params
 from cacheagent.triton.startlisting import claimed_at_start, listed_at_start
 
 _log = logging.getLogger(__name__)
@@ -94,36 +95,64 @@ class Prefetcher:
             text = read_file(model, CONFIG_FILE, delays=())
         except FileNotFoundError:
             return
-        # Triton's schema loads here, in the background, on the first sibling read:
-        # never on the LOAD that started the prefetch.
-        config = parse_config(text)
-        raw = agent_parameters(config)
-        if raw is None:
+        plan = plan_fetch(text, name, model)
+        if plan is None:
             return
-        params = parse_params(raw, name)
-        if not params.prefetch:
-            return
-        if params.source is None and not model.is_remote:
-            return  # a local model without a source is served untouched
-        select, selection = version_selection(config_json(config), params.versions)
-        location = parse_location(params.source or model.url)
-        if claimed_at_start(location):
+        if claimed_at_start(plan.location):
             return  # its own LOAD of this start came first and validated it
-        # This start's own listing (cacheagent run) validates the sibling without a
-        # request; it is left for the sibling's own LOAD (claim=False).
-        listed = listed_at_start(location, select, claim=False)
-        snapshot = self._cache_for(params.cache_dir).fetch(
-            location,
-            select=select,
+        listed = listed_at_start(plan.location, plan.select, claim=False)
+        if listed is not None:
+            # cacheagent run wrote this start's record of it, and fetches every model
+            # it writes a record for as soon as it has listed (startfetch): nothing to add.
+            return
+        snapshot = self._cache_for(plan.params.cache_dir).fetch(
+            plan.location,
+            select=plan.select,
             model=name,
-            settings=params.settings,
-            selection=selection,
-            listed=listed,
+            settings=plan.params.settings,
+            selection=plan.selection,
         )
         _note(
             f"prefetched model '{name}': {'hit' if snapshot.hit else 'miss'}, "
             f"{snapshot.bytes_fetched} bytes in {snapshot.seconds:.3f} s"
         )
+
+
+@dataclass(frozen=True)
+class FetchPlan:
+    """What a model's LOAD would fetch, derived from its config.pbtxt alone."""
+
+    location: Location  # where its files are (the ``source`` parameter, or the model dir)
+    params: AgentParams
+    select: Selector | None
+    selection: str
+
+
+def plan_fetch(
+    config_text: str | bytes,
+    name: str,
+    model: Location,
+    env: Mapping[str, str] | None = None,
+) -> FetchPlan | None:
+    """What the agent's LOAD of model ``name`` would fetch, or None if it fetches nothing.
+
+    None when the config names no cacheagent, turns ``prefetch`` off, or is a
+    local model without a ``source``. The one rule shared by the worker's prefetch
+    and ``cacheagent run``'s start fetch: both fetch exactly what the LOAD will look up.
+    Raises the config's or the parameters' errors.
+    """
+    # Triton's schema loads here, in the background: never on a LOAD's path.
+    config = parse_config(config_text)
+    raw = agent_parameters(config)
+    if raw is None:
+        return None
+    params = parse_params(raw, name, env)
+    if not params.prefetch:
+        return None
+    if params.source is None and not model.is_remote:
+        return None  # a local model without a source is served untouched
+    select, selection = version_selection(config_json(config), params.versions)
+    return FetchPlan(parse_location(params.source or model.url, env), params, select, selection)
 
 
 def _note(message: str) -> None:

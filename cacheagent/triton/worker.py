@@ -302,9 +302,14 @@ def main(handler: Handler | None = None) -> int:
     return serve(in_fd, out_fd, handler)
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Run the worker to its end and exit the process (how the shim's launcher starts it)."""
     code = main()
     sys.stderr.flush()
     # Exit now even if actions left non-daemon threads running: the shim waits only
     # 5 s at Finalize, and on-disk state is crash-safe by design (temp file + rename).
     os._exit(code)
+
+
+if __name__ == "__main__":
+    run()

@@ -5,12 +5,14 @@ import os
 import subprocess
 import sys
 
+import cacheagent
 from cacheagent.triton import layout as versions
 from cacheagent.triton.install import (
     LAUNCHER_NAME,
     LAUNCHER_NO_PYTHON,
     LIBRARY_NAME,
     install_triton,
+    launcher_script,
 )
 
 
@@ -73,3 +75,21 @@ def test_launcher_execs_its_python_with_the_worker_module(tmp_path):
     library = install_triton(tmp_path / "agents", python=str(fake))
     done = _launch(library.parent / LAUNCHER_NAME)
     assert done.returncode == 0 and done.stdout.strip() == "ran -I -m cacheagent.triton.worker"
+
+
+def test_launcher_of_this_python_starts_the_worker_without_site(tmp_path):
+    """The interpreter that installs knows its paths: the worker starts with -S (no .pth
+    processing), and still imports the installed cacheagent and its dependencies."""
+    script = launcher_script(sys.executable)
+    assert "-I -S -c" in script
+    boot = script.split("-I -S -c '", 1)[1].split("'", 1)[0]
+    check = boot.replace(
+        "from cacheagent.triton.worker import run; run()",
+        "import site, cacheagent, xxhash, diskcache; "
+        "print(site.ENABLE_USER_SITE, cacheagent.__file__)",
+    )
+    done = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", check], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[1] == cacheagent.__file__

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cacheagent.remote.pacing import MIN_PART, AdaptiveLimit, MiB, part_size_for
+from cacheagent.remote.pacing import MIN_PART, START, AdaptiveLimit, MiB, part_size_for
 
 
 class Link:
@@ -42,12 +42,23 @@ def test_the_limit_grows_until_the_link_is_full(per_conn: float, expected_at_lea
     assert limit.limit * per_conn >= 160e6  # enough in flight to fill the link
 
 
-def test_a_fast_connection_needs_few_requests() -> None:
-    """When one connection nearly fills the link, growth stops early."""
+def test_a_fast_connection_keeps_the_starting_number() -> None:
+    """When a few connections fill the link, the first doubling brings no gain and is
+    taken back: the limit ends where it started, never at the doubled number."""
     link = Link(100e6, 160e6)
     limit = AdaptiveLimit(128, clock=link.clock)
     link.run(limit, 500, MiB)
-    assert limit.settled and limit.limit <= 8
+    assert limit.settled and limit.limit == START
+    assert limit.peak == 2 * START  # it tried once
+
+
+def test_a_slow_link_ends_at_the_last_doubling_that_paid() -> None:
+    """64 connections fill 160 MB/s at 2.5 MB/s each; 128 bring nothing more and are
+    taken back to 64."""
+    link = Link(2.5e6, 160e6)
+    limit = AdaptiveLimit(256, clock=link.clock)
+    link.run(limit, 3000, MiB)
+    assert limit.settled and limit.limit == 64 and limit.peak == 128
 
 
 def test_the_cap_is_never_exceeded() -> None:
