@@ -25,24 +25,37 @@ fetches all the missing ones itself, right then, while Triton starts:
 Nothing here is a hit or a miss of its own: a model found cached is skipped
 without touching the index's counters; one fetched counts as the miss it is,
 and its LOAD then counts the hit.
+
+A warm start must cost Triton nothing here (this runs beside its start, on the
+same cores), so the snapshot each model's content led to is remembered beside
+its stub (``<stub>.known.json``: content key -> cache and snapshot key): a model
+whose content is unchanged and whose snapshot directory exists is skipped with
+one ``stat``, without Triton's schema, the parameters or the index. A snapshot
+found there but damaged is the LOAD's to repair, as it always is.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cacheagent.cache import Cache
 from cacheagent.errors import CacheAgentError
+from cacheagent.local.atomic import write_atomically
+from cacheagent.local.store import Store
 from cacheagent.remote.manifest import Manifest, build_manifest
 from cacheagent.sizes import format_size
 from cacheagent.triton.config import CONFIG_FILE
-from cacheagent.triton.prefetch import FetchPlan, plan_fetch
 from cacheagent.triton.stubsync import ModelListing
+
+if TYPE_CHECKING:  # loaded only when a model must be planned: never on a warm start
+    from cacheagent.cache import Cache
+    from cacheagent.triton.prefetch import FetchPlan
 
 _log = logging.getLogger(__name__)
 # Models downloading at once. They share one link, so more would add threads,
@@ -80,7 +93,17 @@ class StartFetcher:
         Returns the names being fetched. Reads each stub config in ``stub_dir``;
         never raises for one model (the reason is logged, its LOAD tells it again).
         """
-        jobs = [job for job in self._jobs(models, stub_dir, only) if job is not None]
+        known = _read_known(stub_dir)
+        jobs: list[_Job] = []
+        for model in sorted(models, key=lambda m: m.name):
+            if only is not None and model.name not in only:
+                continue
+            if _still_cached(known.get(model.name), model):
+                continue
+            job = self._job(model, stub_dir / model.name / CONFIG_FILE, known)
+            if job is not None:
+                jobs.append(job)
+        _write_known(stub_dir, known)
         started = self._within_budget(jobs)
         if started:
             total = sum(job.manifest.total_size for job in started)
@@ -104,32 +127,28 @@ class StartFetcher:
         for thread in list(self.threads):
             thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
-    def _jobs(
-        self, models: Iterable[ModelListing], stub_dir: Path, only: frozenset[str] | None
-    ) -> Iterable[_Job | None]:
-        for model in sorted(models, key=lambda m: m.name):
-            if only is not None and model.name not in only:
-                continue
-            yield self._job(model, stub_dir / model.name / CONFIG_FILE)
-
-    def _job(self, model: ModelListing, stub_config: Path) -> _Job | None:
+    def _job(self, model: ModelListing, stub_config: Path, known: dict[str, Known]) -> _Job | None:
         try:
             text = stub_config.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError):
             return None  # no stub for it (its config was refused): Triton will not load it
+        from cacheagent.triton.prefetch import plan_fetch
+
         try:
             plan = plan_fetch(text, model.name, model.location, self._env)
             if plan is None:
                 return None
-            entries = model.entries if plan.location.url == model.location.url else None
-            if entries is None:
+            if plan.location.url != model.location.url:
                 return None  # a source elsewhere: this listing does not cover it
-            manifest = build_manifest(plan.location.url, plan.location.root, entries, plan.select)
+            manifest = build_manifest(
+                plan.location.url, plan.location.root, model.entries, plan.select
+            )
         except CacheAgentError as exc:
             _log.debug("not fetching model '%s' at start: %s", model.name, exc)
             return None
         if not manifest.files:
             return None
+        known[model.name] = Known(model.content_key, str(plan.params.cache_dir), manifest.key)
         with self._lock:
             if manifest.key in self._tried:
                 return None
@@ -163,6 +182,8 @@ class StartFetcher:
         return chosen
 
     def _cache(self, plan: FetchPlan) -> Cache:
+        from cacheagent.cache import Cache
+
         root = plan.params.cache_dir
         with self._lock:
             cache = self._caches.get(root)
@@ -205,3 +226,51 @@ class StartFetcher:
             rate,
             "" if not snapshot.hit else ", cached meanwhile",
         )
+
+
+@dataclass(frozen=True)
+class Known:
+    """The snapshot a model's content led to at an earlier start."""
+
+    content_key: str  # the model's content key (every file, every version)
+    cache_dir: str
+    snapshot_key: str
+
+
+def known_path(stub_dir: Path) -> Path:
+    """Where the snapshots known for a stub's models are remembered: beside the stub.
+
+    Not inside it: a new file in a model directory would make Triton's poll mode
+    reload the model.
+    """
+    return stub_dir.with_name(stub_dir.name + ".known.json")
+
+
+def _read_known(stub_dir: Path) -> dict[str, Known]:
+    try:
+        raw = json.loads(known_path(stub_dir).read_text(encoding="utf-8"))
+        return {name: Known(**fields) for name, fields in raw.items()}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return {}  # none yet, or unreadable: every model is planned once more
+
+
+def _write_known(stub_dir: Path, known: Mapping[str, Known]) -> None:
+    text = json.dumps({name: vars(k) for name, k in sorted(known.items())}, indent=1)
+    path = known_path(stub_dir)
+    try:
+        if path.read_text(encoding="utf-8") == text:
+            return
+    except OSError:
+        pass
+    try:
+        # Not fsynced: losing it costs one more planning, never a wrong answer.
+        write_atomically(path, text, mode=0o600, durable=False)
+    except OSError as exc:
+        _log.debug("cannot remember the start's snapshots in %s: %s", path, exc)
+
+
+def _still_cached(known: Known | None, model: ModelListing) -> bool:
+    """True if ``model``'s content is what led to a snapshot that is still cached."""
+    if known is None or known.content_key != model.content_key:
+        return False
+    return Store(Path(known.cache_dir)).has_snapshot(known.snapshot_key)

@@ -149,6 +149,33 @@ def test_a_restart_of_many_models_costs_one_listing(
     assert len(listings(s3_rig)) == 1, [r.target for r in s3_rig.proxy.records()]
 
 
+def test_a_cold_start_fetches_every_model_at_once_before_their_loads(
+    s3_rig: StorageRig, triton_factory: Factory, tmp_path: Path
+) -> None:
+    """The launcher fetches all missing models as soon as it has listed: each LOAD finds
+    its model cached (HIT), and the models' bytes crossed the proxy once each."""
+    models = {"add": 1.0, "mul": 2.0, "sub": 3.0}
+    sizes = 0
+    for name, weight in models.items():
+        files = put_add_model(
+            s3_rig, "models", name, weights_file([weight] * 4, size=2 * 1024 * 1024)
+        )
+        sizes += sum(len(data) for path, data in files.items() if path.startswith("1/"))
+    server = launch(triton_factory, s3_rig, tmp_path / "cache")
+    assert all(answers(server, name, [w] * 4) for name, w in models.items())
+    log = server.log_text()
+    assert "cacheagent run: fetching 3 model(s) missing from the cache" in log
+    for name in models:
+        [load] = agent_log_lines(log, name)
+        [fetched] = [line for line in log.splitlines() if f"cacheagent run: model '{name}'" in line]
+        # The launcher fetched it and the LOAD found it cached, or (should Triton's LOAD
+        # ever win the snapshot's lock) the LOAD fetched it and the launcher found it done.
+        assert ("HIT: 0 B fetched" in load) != ("cached meanwhile" in fetched), (load, fetched)
+    # Either way each model's bytes crossed once.
+    model_bytes = sum(s3_rig.object_bytes(f"models/{n}/1/") for n in models)
+    assert model_bytes == sizes
+
+
 def test_two_agents_stay_in_order_and_the_second_checks_the_snapshot(
     triton_factory: Factory, s3_rig: StorageRig, tmp_path: Path
 ) -> None:
