@@ -69,7 +69,13 @@ from cacheagent.triton.install import (
     shim_library,
 )
 from cacheagent.triton.params import parse_params
-from cacheagent.triton.startlisting import START_ENV, ModelRecord, record_name
+from cacheagent.triton.startlisting import (
+    CLAIMED,
+    PENDING,
+    START_ENV,
+    ModelRecord,
+    record_name,
+)
 
 if TYPE_CHECKING:
     from cacheagent.triton.startfetch import StartFetcher
@@ -91,6 +97,8 @@ EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND = 126, 127
 STUBS_DIR, STARTS_DIR, REPOAGENTS_DIR = "stubs", "starts", "repoagents"
 # Bounds on the launcher's own waits at exit; Triton's shutdown itself is never cut short.
 POLL_STOP_TIMEOUT_S = 30.0
+# How long Triton started on an outdated stub gets to stop before it is restarted.
+RESTART_STOP_TIMEOUT_S = 60.0
 
 
 class UsageError(CacheAgentError, ValueError):
@@ -327,6 +335,26 @@ class StartDir:
         write_atomically(self.path / name, record.to_json(), mode=0o600, durable=False)
         return name
 
+    def mark_pending(self) -> None:
+        """Say that this start's first listing is under way (LOADs wait for it)."""
+        (self.path / PENDING).touch(mode=0o600)
+
+    def clear_pending(self) -> None:
+        """The first listing is written, or failed: LOADs stop waiting for records."""
+        with contextlib.suppress(FileNotFoundError):
+            (self.path / PENDING).unlink()
+
+    def rewrite_once_records(self) -> None:
+        """Make the once-records a restarted Triton's LOADs will need usable again.
+
+        A LOAD of the Triton being restarted may have claimed its record (renamed
+        it to ``*.claimed``); the restarted Triton loads that model again and must
+        find it.
+        """
+        for claimed in self.path.glob(f"*.json{CLAIMED}"):
+            with contextlib.suppress(OSError):
+                os.replace(claimed, claimed.with_name(claimed.name[: -len(CLAIMED)]))
+
     def remove(self, name: str) -> None:
         """Remove one record (its model left the repository)."""
         with contextlib.suppress(FileNotFoundError):
@@ -404,6 +432,8 @@ class Launcher:
         self._stop_polling = threading.Event()
         self._poller: threading.Thread | None = None
         self._fetcher: StartFetcher | None = None
+        self._signalled = False
+        self._structural: list[str] = []
         self._fetcher_lock = threading.Lock()
         self.fetch_threads: list[threading.Thread] = []
 
@@ -413,8 +443,12 @@ class Launcher:
         """Prepare the stubs, run the command to its end; return its exit status."""
         previous = self._install_signal_handlers()
         try:
-            argv, env = self.prepare()
-            status = self.supervise(argv, env)
+            if self.can_start_early():
+                argv, env = self.prepare(list_first=False)
+                status = self.supervise(argv, env, list_after_start=True)
+            else:
+                argv, env = self.prepare()
+                status = self.supervise(argv, env)
         except Interrupted as stop:  # only raised before the command is started
             log.info("stopped by signal %d before the command started", stop.signum)
             return 128 + stop.signum
@@ -425,13 +459,26 @@ class Launcher:
             self._restore_signal_handlers(previous)
         return status
 
-    def prepare(self) -> tuple[list[str], dict[str, str]]:
+    def can_start_early(self) -> bool:
+        """True when Triton may start before this start's listing: every stub exists.
+
+        Triton then reads the stubs of the last start while the launcher lists;
+        each LOAD still waits for this start's listing (startlisting.PENDING), and
+        if the listing changed a stub's models (added, removed, a new config),
+        Triton is restarted on the current stub (see :meth:`supervise`). In poll
+        mode Triton's next poll takes such a change instead.
+        """
+        return bool(self.repos) and all(repo.stub_dir.is_dir() for repo in self.repos)
+
+    def prepare(self, *, list_first: bool = True) -> tuple[list[str], dict[str, str]]:
         """Everything before the command starts: the cache, the agent, every stub.
 
         The stubs must exist before Triton starts (it reads their configs at once),
-        so the first listing of each repository happens first; what can overlap it
-        does: the repositories are listed in parallel, and installing the agent
-        (file copies, bytecode checks) runs beside the listings.
+        so on a first start the first listing of each repository happens first;
+        what can overlap it does: the repositories are listed in parallel, and
+        installing the agent (file copies, bytecode checks) runs beside the
+        listings. With ``list_first=False`` (every stub exists) the listings are
+        left to :meth:`list_after_start`, and the start directory says so.
         """
         ensure_private_dir(self.options.cache_dir)
         clean_work_dirs(self.options.cache_dir / STUBS_DIR)
@@ -441,7 +488,12 @@ class Launcher:
             jobs.append(lambda: ensure_agent_installed(self.agent_dir))
         if self.repos:
             self.start = StartDir(self.options.cache_dir / STARTS_DIR)
-            jobs.extend(functools.partial(self.refresh, repo, first=True) for repo in self.repos)
+            if list_first:
+                jobs.extend(
+                    functools.partial(self.refresh, repo, first=True) for repo in self.repos
+                )
+            else:
+                self.start.mark_pending()
         run_in_parallel(jobs)
         agent_dir = None if names_agent_dir else self.agent_dir
         argv = [
@@ -492,6 +544,13 @@ class Launcher:
             repo.failing = False
         self._write_records(repo, listing)
         report = sync_stub(listing, repo.stub_dir, self.options.params)
+        # Changes a Triton already started on the last stub cannot have seen. Models
+        # Triton does not load at start-up (explicit mode) read the stub when loaded.
+        wanted = self.policy.models
+        self._structural.extend(
+            [f"{name}: new config" for name in report.written if wanted is None or name in wanted]
+            + [f"{name}: removed" for name in report.removed if wanted is None or name in wanted]
+        )
         self._log_sync(repo, listing, report, first)
         self._fetch_missing(repo, listing)
 
@@ -614,8 +673,29 @@ class Launcher:
 
     # ---- the child ----
 
-    def supervise(self, argv: list[str], env: dict[str, str]) -> int:
-        """Start the command, poll if asked, forward signals; return its exit status."""
+    def supervise(
+        self, argv: list[str], env: dict[str, str], *, list_after_start: bool = False
+    ) -> int:
+        """Start the command, poll if asked, forward signals; return its exit status.
+
+        With ``list_after_start`` the first listing of each repository runs once the
+        command has started; if it changed which models or configs a stub holds,
+        the command (Triton, which read the old stub) is restarted on the new one.
+        """
+        failed = self._spawn(argv, env)
+        if failed is not None:
+            return failed
+        if list_after_start and self.list_after_start() and self._restart_needed():
+            failed = self._restart(argv, env)
+            if failed is not None:
+                return failed
+        self._start_poller()
+        assert self.child is not None
+        status = self.child.wait()
+        return 128 - status if status < 0 else status
+
+    def _spawn(self, argv: list[str], env: dict[str, str]) -> int | None:
+        """Start the command; None, or the exit status to return when it cannot start."""
         self._spawning = True
         try:
             self.child = subprocess.Popen(argv, env=env)
@@ -629,9 +709,55 @@ class Launcher:
             self._spawning = False
         for signum in self._pending:  # arrived while the child was being started
             self.child.send_signal(signum)
-        self._start_poller()
-        status = self.child.wait()
-        return 128 - status if status < 0 else status
+        self._pending.clear()
+        return None
+
+    def list_after_start(self) -> bool:
+        """This start's first listing, with Triton already started; True if a stub's
+        models changed in a way Triton cannot have seen (new, removed, a new config)."""
+        self._structural = []
+        try:
+            run_in_parallel(
+                [functools.partial(self.refresh, repo, first=True) for repo in self.repos]
+            )
+        finally:
+            assert self.start is not None
+            self.start.clear_pending()  # LOADs waiting for a record stop waiting
+        return bool(self._structural)
+
+    def _restart_needed(self) -> bool:
+        if tritonargs.control_mode(self.triton_args) == "poll":
+            log.info(
+                "the repository changed since the last start (%s); Triton's next poll "
+                "loads the updated stub",
+                ", ".join(self._structural),
+            )
+            return False
+        return not self._signalled
+
+    def _restart(self, argv: list[str], env: dict[str, str]) -> int | None:
+        """Stop the command started on the old stubs and start it again on the new."""
+        assert self.child is not None
+        log.info(
+            "the repository changed since the last start (%s): restarting Triton, which "
+            "started on the last start's stub, so it serves the current one",
+            ", ".join(self._structural),
+        )
+        self.child.send_signal(signal.SIGTERM)
+        try:
+            self.child.wait(RESTART_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            log.warning(
+                "Triton did not stop within %.0f s of SIGTERM; killing it to restart it",
+                RESTART_STOP_TIMEOUT_S,
+            )
+            self.child.kill()
+            self.child.wait()
+        if self._signalled:  # the user stopped us meanwhile: do not start again
+            return None
+        assert self.start is not None
+        self.start.rewrite_once_records()
+        return self._spawn(argv, env)
 
     def _install_signal_handlers(self) -> dict[int, object]:
         previous: dict[int, object] = {}
@@ -646,6 +772,7 @@ class Launcher:
             signal.signal(signum, handler)  # type: ignore[arg-type]
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signalled = True
         if self.child is not None:
             # Triton ignores a second SIGINT/SIGTERM while it shuts down, so one that
             # also reached it from the terminal (same process group) does no harm.

@@ -27,6 +27,13 @@ Freshness stays exact, by these rules:
   one means the launcher could not refresh it (storage down, launcher gone),
   and the agent lists storage itself, as it would without the launcher.
 
+A start whose stubs exist from an earlier start does not wait for its listing:
+``cacheagent run`` starts Triton at once and lists meanwhile (overlapping
+Triton's own start-up). Until the first listing of the start is written, the
+start directory holds :data:`PENDING`; a LOAD that finds no record while it is
+there waits for the record (bounded by :data:`PENDING_WAIT_S`, and logged past
+a second), so it is validated by this start's listing all the same.
+
 This module is on the worker's hit path: it imports only the standard library
 and the manifest builder.
 """
@@ -35,6 +42,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -50,11 +58,19 @@ from cacheagent.remote.manifest import Manifest, build_manifest
 
 START_ENV = "CACHEAGENT_START"
 RECORD_FORMAT = 1
-_CLAIMED = ".claimed"
+#: The suffix of a once-record its LOAD has claimed.
+CLAIMED = ".claimed"
+#: In a start directory while the launcher's first listing of the start is under way.
+PENDING = "listing.pending"
+# The launcher's listing is bounded by its storage timeout (60 s by default) and one
+# retry; past this the LOAD stops waiting and lists storage itself.
+PENDING_WAIT_S = 150.0
+_PENDING_POLL_S = 0.005
 # A listing stamped this far in the future was not made on this host's clock.
 _CLOCK_SLACK_S = 1.0
 
 Selector = Callable[[Iterable[str]], set[str]]
+_log = logging.getLogger(__name__)
 
 # The listing fields the manifest reads (see cacheagent.remote.manifest): a record
 # keeps only these, so it stays small and plain JSON whatever the SDK returned.
@@ -190,9 +206,8 @@ def record_age(record: ModelRecord, now: float | None = None) -> float:
 
 def _take_record(start_dir: Path, source: str, claim: bool) -> ModelRecord | None:
     path = start_dir / record_name(source)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
+    text = _read_when_listed(path, start_dir / PENDING, source)
+    if text is None:
         return None
     record = parse_record(text)
     if record is None or record.start != start_dir.name or record.source != source:
@@ -202,6 +217,38 @@ def _take_record(start_dir: Path, source: str, claim: bool) -> ModelRecord | Non
     if record.once and claim and not _claim(path):
         return None
     return record
+
+
+def _read_when_listed(path: Path, pending: Path, source: str) -> str | None:
+    """The record's text; while the start's listing is pending, wait for it (bounded)."""
+    started = time.monotonic()
+    said = False
+    while True:
+        try:
+            return path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            return None
+        except OSError:
+            pass
+        waited = time.monotonic() - started
+        if not pending.exists() or waited > PENDING_WAIT_S:
+            # Listed without this model (or the listing failed): no record to use.
+            # Read once more: the record may have landed just before the marker went.
+            try:
+                return path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError):
+                if waited > PENDING_WAIT_S:
+                    _log.warning(
+                        "cacheagent run's listing of %s has not come after %.0f s; "
+                        "listing storage here instead",
+                        source,
+                        waited,
+                    )
+                return None
+        if waited > 1.0 and not said:
+            said = True
+            _log.info("waiting for cacheagent run's listing to validate %s", source)
+        time.sleep(_PENDING_POLL_S)
 
 
 def _fresh(record: ModelRecord) -> bool:
@@ -216,7 +263,7 @@ def _claim(path: Path) -> bool:
     # (explicit mode) cannot both take it. A once-record is never rewritten, so
     # the file renamed is the one just read. The claimed file stays (it goes with
     # the start directory): it tells a prefetch that the model's LOAD came first.
-    claimed = path.with_name(f"{path.name}{_CLAIMED}")
+    claimed = path.with_name(f"{path.name}{CLAIMED}")
     try:
         os.rename(path, claimed)
     except OSError:
@@ -232,7 +279,7 @@ def claimed_at_start(location: Location, env: Mapping[str, str] | None = None) -
     start_dir = (os.environ if env is None else env).get(START_ENV, "")
     if not start_dir:
         return False
-    return (Path(start_dir) / f"{record_name(location.url)}{_CLAIMED}").exists()
+    return (Path(start_dir) / f"{record_name(location.url)}{CLAIMED}").exists()
 
 
 def parse_record(text: str) -> ModelRecord | None:

@@ -22,7 +22,6 @@ from pathlib import Path
 
 from cacheagent.errors import CacheAgentError, InvalidParameterError
 from cacheagent.local.atomic import write_text_atomically
-from cacheagent.remote.listing import list_model_names, read_file
 from cacheagent.remote.location import parse_location
 from cacheagent.triton.config import CONFIG_FILE, format_config, parse_config, with_cacheagent_first
 from cacheagent.triton.params import parse_params
@@ -71,6 +70,9 @@ def write_stub(
     if "source" in params:
         raise InvalidParameterError("stub sets 'source' itself; do not pass it as a parameter")
     repo = parse_location(repository, env)
+    # Imported here: the launcher imports this module for stub_config alone.
+    from cacheagent.remote.listing import list_model_names, read_file
+
     names = list_model_names(repo)
     report = StubReport()
     out.mkdir(parents=True, exist_ok=True)

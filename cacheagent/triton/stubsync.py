@@ -45,7 +45,6 @@ import xxhash
 
 from cacheagent.errors import CacheAgentError
 from cacheagent.local.atomic import fsync_dir, write_text_atomically
-from cacheagent.remote.listing import LIST_RETRY_DELAYS, list_tree, read_file
 from cacheagent.remote.location import Location
 from cacheagent.remote.manifest import build_manifest
 from cacheagent.triton.config import CONFIG_FILE
@@ -114,6 +113,10 @@ def list_repository(repository: Location) -> RepositoryListing:
     # The one tree listing the agent makes of one model (list_manifest), here of the
     # whole repository: the entries below a model directory are then exactly those
     # the agent's own listing of that model would give.
+    # Imported here: a launcher whose stubs exist starts Triton before it lists, and
+    # the storage clients (http.client, ssl, the signers) would only delay that.
+    from cacheagent.remote.listing import LIST_RETRY_DELAYS, list_tree
+
     found = list_tree(repository, delays=LIST_RETRY_DELAYS)
     return split_by_model(repository, found, listed_at)
 
@@ -197,7 +200,7 @@ def sync_stub(
     listing: RepositoryListing,
     out: Path,
     params: Mapping[str, str],
-    read_config: ConfigReader = read_file,
+    read_config: ConfigReader | None = None,
 ) -> SyncReport:
     """Bring the stub repository ``out`` up to date with ``listing``; return what changed.
 
@@ -205,6 +208,10 @@ def sync_stub(
     own cacheagent parameters win). ``read_config(model_location, "config.pbtxt")``
     is called only for models whose config is new or changed, several at a time.
     """
+    if read_config is None:
+        from cacheagent.remote.listing import read_file
+
+        read_config = read_file
     out.mkdir(parents=True, exist_ok=True)
     digest = params_digest(params)
     report = SyncReport()

@@ -235,6 +235,28 @@ def test_models_added_and_removed_between_starts(
     assert answers(again, "mul", [3.0] * 4)
     assert not again.model_ready("add")
     assert sorted(stub_configs(cache_dir)) == ["mul"]
+    # The stub existed, so Triton started on it while the launcher listed; the listing
+    # found other models, so Triton was started again on the current stub.
+    log = again.log_text()
+    assert "add: removed" in log and "mul: new config" in log
+    assert log.count("restarting Triton") == 1
+
+
+def test_a_restart_with_unchanged_models_starts_triton_once_and_waits_for_no_restart(
+    triton_factory: Factory, s3_rig: StorageRig, tmp_path: Path
+) -> None:
+    """Only new weights since the last start: Triton starts before the listing, its LOAD
+    waits for the start's listing and serves the new weights; no restart."""
+    cache_dir = tmp_path / "cache"
+    put_add_model(s3_rig, "models", "add", weights_file([1.0] * 4))
+    first = launch(triton_factory, s3_rig, cache_dir)
+    assert answers(first, "add", [1.0] * 4)
+    assert first.stop() == 0
+    put_add_model(s3_rig, "models", "add", weights_file([5.0] * 4))
+    again = launch(triton_factory, s3_rig, cache_dir)
+    assert answers(again, "add", [5.0] * 4)
+    log = again.log_text()
+    assert "restarting Triton" not in log
 
 
 def listings_of(rig: StorageRig, relpath: str) -> int:

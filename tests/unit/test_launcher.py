@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ from cacheagent.triton.launcher import (
     remove_leftover_starts,
 )
 from cacheagent.triton.startlisting import (
+    PENDING,
     START_ENV,
     ModelRecord,
     claimed_at_start,
@@ -287,6 +290,35 @@ def test_a_start_record_validates_one_load_with_the_agents_own_selection(tmp_pat
     assert listed_at_start(location, None, env, claim=False) is None
     assert claimed_at_start(location, env)
     assert [name.endswith(".claimed") for name in os.listdir(start)] == [True]
+
+
+def test_a_load_waits_for_a_pending_listing_and_stops_waiting_when_it_ends(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Triton started before the launcher's listing: the LOAD waits for its record."""
+    location = parse_location("s3://bucket/models/add", S3_ENV)
+    start = tmp_path / "starts" / "123-abc"
+    start.mkdir(parents=True)
+    env = {START_ENV: str(start)}
+    (start / PENDING).touch()
+
+    def list_then_clear() -> None:
+        time.sleep(1.3)
+        write_record(start, location)
+        (start / PENDING).unlink()
+
+    writer = threading.Thread(target=list_then_clear)
+    writer.start()
+    with caplog.at_level(logging.INFO, logger="cacheagent"):
+        listed = listed_at_start(location, None, env)
+    writer.join()
+    assert listed is not None and listed().source == location.url
+    assert "waiting for cacheagent run's listing" in caplog.text
+    # A model the listing did not find: the marker gone, no record, no wait.
+    other = parse_location("s3://bucket/models/gone", S3_ENV)
+    began = time.monotonic()
+    assert listed_at_start(other, None, env) is None
+    assert time.monotonic() - began < 1.0
 
 
 def test_a_start_record_never_serves_another_start_or_source_or_after_its_time(
