@@ -99,6 +99,10 @@ STUBS_DIR, STARTS_DIR, REPOAGENTS_DIR = "stubs", "starts", "repoagents"
 POLL_STOP_TIMEOUT_S = 30.0
 # How long Triton started on an outdated stub gets to stop before it is restarted.
 RESTART_STOP_TIMEOUT_S = 60.0
+# A worker started ahead of Triton ends on EOF once Triton is gone; this bounds the wait.
+WORKER_EXIT_TIMEOUT_S = 10.0
+#: Names a worker started ahead of Triton to the shim: "<pid>,<stdin fd>,<stdout fd>".
+WORKER_FDS_ENV = "CACHEAGENT_WORKER_FDS"
 
 
 class UsageError(CacheAgentError, ValueError):
@@ -433,6 +437,7 @@ class Launcher:
         self._poller: threading.Thread | None = None
         self._fetcher: StartFetcher | None = None
         self._signalled = False
+        self._workers: list[subprocess.Popen[bytes]] = []
         self._structural: list[str] = []
         self._fetcher_lock = threading.Lock()
         self.fetch_threads: list[threading.Thread] = []
@@ -454,6 +459,7 @@ class Launcher:
             return 128 + stop.signum
         finally:
             self._stop_poller()
+            self._reap_workers()
             if self.start is not None:
                 self.start.close()
             self._restore_signal_handlers(previous)
@@ -694,11 +700,41 @@ class Launcher:
         status = self.child.wait()
         return 128 - status if status < 0 else status
 
+    def _prestart_worker(self, env: dict[str, str]) -> tuple[dict[str, str], tuple[int, ...]]:
+        """Start the agent's first worker now, beside Triton: (Triton's env, fds to pass).
+
+        A worker started at Triton's first LOAD would cost that LOAD a Python start
+        and its imports; started here it is READY by then, and the shim adopts it
+        (``CACHEAGENT_WORKER_FDS``: its pid, its stdin's write end, its stdout's read
+        end, inherited by Triton). It stays the launcher's child, reaped at exit, and
+        ends on EOF on its stdin like any worker, when Triton closes it or exits.
+        Only with the agent this launcher installed (another install may predate it).
+        """
+        if not self.repos or tritonargs.names_repoagent_directory(self.triton_args):
+            return env, ()
+        script = self.agent_dir / AGENT_NAME / LAUNCHER_NAME
+        req_r, req_w = os.pipe()
+        resp_r, resp_w = os.pipe()
+        try:
+            worker = subprocess.Popen([str(script)], stdin=req_r, stdout=resp_w, env=env)
+        except OSError as exc:
+            worker = None
+            log.debug("no worker started ahead of Triton (%s); the agent starts its own", exc)
+        os.close(req_r)  # the worker's ends: it holds them now (or never will)
+        os.close(resp_w)
+        if worker is None:
+            os.close(req_w)
+            os.close(resp_r)
+            return env, ()
+        self._workers.append(worker)
+        return {**env, WORKER_FDS_ENV: f"{worker.pid},{req_w},{resp_r}"}, (req_w, resp_r)
+
     def _spawn(self, argv: list[str], env: dict[str, str]) -> int | None:
         """Start the command; None, or the exit status to return when it cannot start."""
+        env, worker_fds = self._prestart_worker(env)
         self._spawning = True
         try:
-            self.child = subprocess.Popen(argv, env=env)
+            self.child = subprocess.Popen(argv, env=env, pass_fds=worker_fds)
         except FileNotFoundError:
             log.error("cannot run %s: no such program; check the command and PATH", argv[0])
             return EXIT_NOT_FOUND
@@ -707,10 +743,26 @@ class Launcher:
             return EXIT_CANNOT_EXECUTE
         finally:
             self._spawning = False
+            for fd in worker_fds:  # Triton holds them now: a worker's EOF is Triton's exit
+                os.close(fd)
         for signum in self._pending:  # arrived while the child was being started
             self.child.send_signal(signum)
         self._pending.clear()
         return None
+
+    def _reap_workers(self) -> None:
+        """Reap the workers started ahead of Triton (they end once Triton is gone)."""
+        for worker in self._workers:
+            try:
+                worker.wait(WORKER_EXIT_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                log.warning(
+                    "the worker %d started for Triton did not exit %.0f s after Triton; killing it",
+                    worker.pid,
+                    WORKER_EXIT_TIMEOUT_S,
+                )
+                worker.kill()
+                worker.wait()
 
     def list_after_start(self) -> bool:
         """This start's first listing, with Triton already started; True if a stub's
@@ -733,7 +785,9 @@ class Launcher:
                 ", ".join(self._structural),
             )
             return False
-        return not self._signalled
+        # A Triton that already exited (bad arguments, say) is not started again: its
+        # status is the launcher's.
+        return not self._signalled and self.child is not None and self.child.poll() is None
 
     def _restart(self, argv: list[str], env: dict[str, str]) -> int | None:
         """Stop the command started on the old stubs and start it again on the new."""

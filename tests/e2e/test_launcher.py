@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import struct
 import sys
@@ -174,6 +175,22 @@ def test_a_cold_start_fetches_every_model_at_once_before_their_loads(
     # Either way each model's bytes crossed once.
     model_bytes = sum(s3_rig.object_bytes(f"models/{n}/1/") for n in models)
     assert model_bytes == sizes
+
+
+def test_the_first_worker_is_started_by_the_launcher_and_adopted_by_the_shim(
+    s3_rig: StorageRig, triton_factory: Factory, tmp_path: Path
+) -> None:
+    """The worker answering Triton's LOADs was started ahead of Triton (it is the
+    launcher's child), and once Triton exits it exits too and is reaped."""
+    put_add_model(s3_rig, "models", "add", weights_file([1.0] * 4))
+    server = launch(triton_factory, s3_rig, tmp_path / "cache")
+    assert answers(server, "add", [1.0] * 4)
+    [worker] = re.findall(r"cacheagent: worker pid (\d+) started", server.log_text())
+    status = Path(f"/proc/{worker}/status").read_text()
+    [ppid] = [line.split()[1] for line in status.splitlines() if line.startswith("PPid:")]
+    assert int(ppid) == server.pid  # the launcher, not tritonserver
+    assert server.stop() == 0
+    assert not Path(f"/proc/{worker}").exists()
 
 
 def test_two_agents_stay_in_order_and_the_second_checks_the_snapshot(

@@ -9,7 +9,8 @@
  *
  * Worker lifecycle
  *   - Started lazily, on the first action, by executing <dir of this .so>/cacheagent-worker
- *     (a tiny shell launcher written by `cacheagent install-triton`), then reused.
+ *     (a tiny shell launcher written by `cacheagent install-triton`), then reused. Under
+ *     `cacheagent run` the first one is already running (see adopt_prestarted).
  *   - The parent's pipe ends are O_CLOEXEC so Triton's other children (python backend
  *     stubs) never inherit them. The child keeps only stdin, stdout and stderr (stderr is
  *     Triton's, so Python tracebacks land in Triton's console).
@@ -445,6 +446,52 @@ static void child_exec(int in_fd, int out_fd, const char *path, char *const argv
   _exit(127);
 }
 
+/* A worker `cacheagent run` started before Triton, named by CACHEAGENT_WORKER_FDS as
+ * "<pid>,<its stdin's write end>,<its stdout's read end>" (fds Triton inherited). The
+ * first worker_start adopts it instead of fork+exec, once. It is the launcher's child,
+ * not ours: waitpid says ECHILD (reap returns at once, no kill), the launcher reaps it,
+ * and it still ends on EOF on its stdin like any worker. */
+static pthread_mutex_t g_adopt_mu = PTHREAD_MUTEX_INITIALIZER;
+static int g_adopt_done = 0;
+
+static int prestarted_fds(int *pid, int *to, int *from) {
+  const char *spec = getenv("CACHEAGENT_WORKER_FDS");
+  if (!spec || sscanf(spec, "%d,%d,%d", pid, to, from) != 3) return 0;
+  return *pid > 0 && *to > 2 && *from > 2 && fcntl(*to, F_GETFD) >= 0 &&
+         fcntl(*from, F_GETFD) >= 0;
+}
+
+/* At Initialize: Triton's other children (python backend stubs) must not inherit them. */
+static void prestarted_cloexec(void) {
+  int pid, to, from;
+  pthread_mutex_lock(&g_adopt_mu);
+  if (!g_adopt_done && prestarted_fds(&pid, &to, &from)) {
+    fcntl(to, F_SETFD, FD_CLOEXEC);
+    fcntl(from, F_SETFD, FD_CLOEXEC);
+  }
+  pthread_mutex_unlock(&g_adopt_mu);
+}
+
+static int adopt_prestarted(worker_t *w) {
+  int pid, to, from, adopted = 0;
+  pthread_mutex_lock(&g_adopt_mu);
+  if (!g_adopt_done) {
+    g_adopt_done = 1;
+    if (prestarted_fds(&pid, &to, &from)) {
+      fcntl(to, F_SETFD, FD_CLOEXEC);
+      fcntl(from, F_SETFD, FD_CLOEXEC);
+      fcntl(to, F_SETFL, fcntl(to, F_GETFL) | O_NONBLOCK); /* so writes can time out */
+      w->pid = (pid_t)pid;
+      w->to_fd = to;
+      w->from_fd = from;
+      w->pos = w->len = 0;
+      adopted = 1;
+    }
+  }
+  pthread_mutex_unlock(&g_adopt_mu);
+  return adopted;
+}
+
 /* Start a worker and wait for READY. Returns NULL or a failure message (msg_free it). */
 static char *worker_start(worker_t *w, double idle_timeout) {
   char launcher[PATH_MAX + 32], agent_dir[PATH_MAX];
@@ -454,6 +501,7 @@ static char *worker_start(worker_t *w, double idle_timeout) {
     return msgf("cacheagent: cannot start the worker: the launcher '%s' %s. "
                 "Run `cacheagent install-triton --repoagent-dir %s` again.",
                 launcher, errno == ENOENT ? "does not exist" : "is not executable", agent_dir);
+  if (adopt_prestarted(w)) goto wait_ready;
   int req[2], resp[2];
   if (pipe2(req, O_CLOEXEC) != 0) return msgf("cacheagent: pipe2 failed: %s", strerror(errno));
   if (pipe2(resp, O_CLOEXEC) != 0) {
@@ -479,13 +527,14 @@ static char *worker_start(worker_t *w, double idle_timeout) {
   w->from_fd = resp[0];
   w->pos = w->len = 0;
 
+wait_ready:;
   double deadline = now_s() + idle_timeout;
   for (;;) {
     char *line = NULL;
     int rc = read_line(w, &line, deadline);
     if (rc == RL_LINE) {
       if (strncmp(line, "READY", 5) == 0) {
-        LOGF(CA_LOG_INFO, "cacheagent: worker pid %d started (%s)", (int)pid, line);
+        LOGF(CA_LOG_INFO, "cacheagent: worker pid %d started (%s)", (int)w->pid, line);
         return NULL;
       }
       if (strncmp(line, "LOG ", 4) == 0) forward_log(line + 4);
@@ -708,6 +757,7 @@ CA_EXPORT TRITONSERVER_Error *TRITONREPOAGENT_Initialize(TRITONREPOAGENT_Agent *
              "provides %u.%u", major, minor);
     return TRITONSERVER_ErrorNew(CA_ERR_UNSUPPORTED, msg);
   }
+  prestarted_cloexec();
   LOGF(CA_LOG_VERBOSE, "cacheagent: agent initialized (repository agent API %u.%u)", major, minor);
   return NULL;
 }
