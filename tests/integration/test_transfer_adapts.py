@@ -61,9 +61,7 @@ def fetch_through(rig: StorageRig, tmp_path: Path, name: str, per_conn: float) -
     return peak_overlap(rig.proxy.records(), "/models/m/")
 
 
-def test_a_link_with_slow_connections_gets_more_of_them(
-    seaweed_rig: StorageRig, tmp_path: Path
-):
+def test_a_link_with_slow_connections_gets_more_of_them(seaweed_rig: StorageRig, tmp_path: Path):
     """64 MB/s in all: at 0.5 MB/s per connection it takes 128 requests in flight to
     fill; at 64 MB/s per connection one fills it, and the download never grows past
     its one trial doubling of the starting number. (SeaweedFS: it serves a range at
