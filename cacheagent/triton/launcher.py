@@ -440,7 +440,6 @@ class Launcher:
         self._workers: list[subprocess.Popen[bytes]] = []
         self._structural: list[str] = []
         self._fetcher_lock = threading.Lock()
-        self.fetch_threads: list[threading.Thread] = []
 
     # ---- the whole run ----
 
@@ -575,7 +574,6 @@ class Launcher:
             name="cacheagent-run-fetch",
             daemon=True,  # never holds the launcher's exit: Triton's status is what counts
         )
-        self.fetch_threads.append(thread)
         thread.start()
 
     def _run_fetch(self, repo: CloudRepository, listing: RepositoryListing) -> None:
@@ -595,14 +593,6 @@ class Launcher:
                 type(exc).__name__,
                 exc,
             )
-
-    def wait_for_fetches(self, timeout: float) -> None:
-        """Wait (at most ``timeout`` s) for the start fetch to finish: for tests."""
-        deadline = time.monotonic() + timeout
-        for thread in list(self.fetch_threads):
-            thread.join(max(0.0, deadline - time.monotonic()))
-        if self._fetcher is not None:
-            self._fetcher.join(max(0.0, deadline - time.monotonic()))
 
     def _listing_failed(self, repo: CloudRepository, exc: CacheAgentError, first: bool) -> None:
         has_stub = repo.stub_dir.is_dir()

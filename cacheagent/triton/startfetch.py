@@ -122,7 +122,7 @@ class StartFetcher:
         return [job.name for job in started]
 
     def join(self, timeout: float | None = None) -> None:
-        """Wait for the fetches started so far (tests and ``warm`` use; Triton never waits)."""
+        """Wait for the fetches started so far (for tests; Triton never waits for them)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         for thread in list(self.threads):
             thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
