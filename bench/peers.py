@@ -25,8 +25,9 @@ must be right), in an order rotated per repetition:
 * ``native``: tritonserver straight on ``s3://127.0.0.1:<proxy>/<bucket>/<case>``;
 * ``cold`` / ``warm``: cacheagent with default settings (no parameter but the
   cache directory), on an empty cache, then on the cache the cold start filled.
-  Through the launcher (``python -m cacheagent.triton.launcher --cache-dir DIR --
-  tritonserver ARGS``) when the module exists; otherwise through what the launcher
+  Through the launcher as users run it (``cacheagent run --cache-dir DIR --
+  tritonserver ARGS``, the venv's console script) when the module exists;
+  otherwise through what the launcher
   automates: ``cacheagent stub`` of the bucket into a local stub repository, then
   tritonserver on the stub with the installed agent (``--repoagent-directory``),
   both timed, as the launcher would do both in one process;
@@ -109,6 +110,15 @@ NAN = float("nan")
 MB = 1e6
 KiB_32 = 32 * 1024
 LAUNCHER_MODULE = "cacheagent.triton.launcher"
+
+
+def run_command() -> list[str]:
+    """``cacheagent run`` as users start it: the console script beside this Python."""
+    script = Path(sys.executable).with_name("cacheagent")
+    if script.is_file():
+        return [str(script), "run"]
+    return [sys.executable, "-m", "cacheagent.cli.main", "run"]
+
 
 #: Every column of a (case, link, repetition), in report order.
 COLUMNS = ("local", "native", "cold", "warm", "s5cmd-cold", "s5cmd-warm")
@@ -546,9 +556,7 @@ class Bench:
         if launcher:
             assert cache is not None
             server.args = [
-                sys.executable,
-                "-m",
-                LAUNCHER_MODULE,
+                *run_command(),
                 "--cache-dir",
                 str(cache),
                 "--",
@@ -649,7 +657,7 @@ class Bench:
                 force_rmtree(cache)
                 force_rmtree(stub)
             if self.via == "launcher":
-                start.via = f"python -m {LAUNCHER_MODULE} --cache-dir DIR -- tritonserver"
+                start.via = "cacheagent run --cache-dir DIR -- tritonserver"
                 secs, err, loads = self.triton(
                     column, staged.s3_url, models, cache=cache, launcher=True, timeout=timeout
                 )
@@ -1371,7 +1379,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Python {platform.python_version()}, Triton 2.51 (nvidia-pytriton)",
         "via": via,
         "via_text": (
-            f"the launcher (`python -m {LAUNCHER_MODULE} --cache-dir DIR -- tritonserver ...`)"
+            "the launcher (`cacheagent run --cache-dir DIR -- tritonserver ...`)"
             if via == "launcher"
             else "`cacheagent stub` + tritonserver with the installed agent (the launcher "
             f"module {LAUNCHER_MODULE} did not exist; this is what it automates), both timed"

@@ -12,15 +12,6 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from cacheagent.cli.parser import (
-    EXIT_ERROR,
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    EXIT_USAGE,
-    build_parser,
-)
-from cacheagent.errors import CacheAgentError, InvalidLocationError, InvalidParameterError
-
 # Logging levels by the number of -v flags.
 _LEVELS = {0: logging.WARNING, 1: logging.INFO}
 _handler: logging.Handler | None = None
@@ -28,7 +19,20 @@ _handler: logging.Handler | None = None
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the process exit code."""
-    args = build_parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else list(argv)
+    if words[:1] == ["run"]:
+        return _run(words[1:])
+    # Imported here, not above: 'cacheagent run' never builds this parser.
+    from cacheagent.cli.parser import (
+        EXIT_ERROR,
+        EXIT_INTERRUPTED,
+        EXIT_OK,
+        EXIT_USAGE,
+        build_parser,
+    )
+    from cacheagent.errors import CacheAgentError, InvalidLocationError, InvalidParameterError
+
+    args = build_parser().parse_args(words)
     configure_logging(args.verbose)
     from cacheagent.cli.commands import COMMANDS, NoCacheError, NotConfirmedError
 
@@ -41,6 +45,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cacheagent: interrupted; the cache is consistent", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _run(argv: list[str]) -> int:
+    """``cacheagent run``: its first worker starts before anything else (it is the
+    slowest part of a cached start), then the launcher parses its own arguments."""
+    from cacheagent.triton.prestart import start_early
+
+    early = start_early(argv)
+    from cacheagent.triton.launcher import main as run_main
+
+    return run_main(argv, early=early)
 
 
 def configure_logging(verbosity: int) -> None:

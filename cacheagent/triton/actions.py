@@ -18,6 +18,7 @@ time.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import threading
 import time
@@ -86,6 +87,20 @@ def cache_for(cache_dir: Path) -> Cache:
         return cache
 
 
+def preload() -> None:
+    """Import what a LOAD's hit path needs (the cache, its index, diskcache, SQLite).
+
+    A fresh worker runs this on a thread as soon as it is READY: the imports then
+    overlap the wait for Triton's first request and for this start's listing,
+    instead of lengthening the first LOAD. Never raises: a broken import is the
+    LOAD's to report.
+    """
+    try:
+        import cacheagent.cache  # noqa: F401
+    except Exception as exc:  # the LOAD that needs it raises it properly
+        logging.getLogger(__name__).debug("preloading the cache failed: %s", exc)
+
+
 @functools.cache
 def prefetcher() -> Prefetcher:
     """The worker's one prefetcher (built on first use, like the cache)."""
@@ -104,6 +119,9 @@ def _load(request: dict[str, Any], params: AgentParams, model: str, log: LogFn) 
     select, selection = version_selection(config, params.versions)
     # Under 'cacheagent run' this start's one listing of the repository validates the model.
     listed = listed_at_start(location, select)
+    # Under 'cacheagent run' the launcher fetches every model of the start's listing
+    # itself (startfetch), so a sibling prefetch here would only repeat its work.
+    launched = listed is not None
     if listed is None:
         from cacheagent.remote.listing import start_listing  # only when storage is listed
 
@@ -129,7 +147,7 @@ def _load(request: dict[str, Any], params: AgentParams, model: str, log: LogFn) 
         log("WARN", f"cacheagent: model '{model}': {snapshot.warning}")
     if params.source and request.get("artifact_type") == "FILESYSTEM":
         _warn_if_stub_outdated(str(request.get("location", "")), snapshot, model, log)
-    if params.prefetch:
+    if params.prefetch and not launched:
         prefetcher().after_load(str(request.get("location", "")), model)
     # The shim holds the lease token too, so the lease outlives this worker.
     token = cache.lease_token(lease_id(request))

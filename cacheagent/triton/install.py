@@ -20,7 +20,6 @@ later simply uses the new launcher.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 from cacheagent.errors import CacheAgentError
 from cacheagent.local.atomic import write_atomically
 from cacheagent.triton.config import AGENT_NAME
+from cacheagent.triton.prestart import worker_boot_code
 
 LIBRARY_NAME = f"libtritonrepoagent_{AGENT_NAME}.so"
 LAUNCHER_NAME = "cacheagent-worker"
@@ -92,35 +92,10 @@ def launcher_script(python: str) -> str:
     """
     quoted = python.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$")
     quoted = quoted.replace("`", "\\`")
-    boot = _boot_code(python)
+    boot = worker_boot_code(python)
     return _LAUNCHER.format(
         python=quoted, status=LAUNCHER_NO_PYTHON, boot=boot, fast=1 if boot else 0
     )
-
-
-def _boot_code(python: str) -> str:
-    """Python code that starts the worker under ``python -I -S``, or "" when it cannot.
-
-    Only for the interpreter running this install (its paths are known here): the
-    directory holding the cacheagent package, then that interpreter's site-packages,
-    exactly what ``site`` would have put on ``sys.path``, minus the .pth hooks.
-    Code with a quote or a newline in a path falls back to ``-m`` (no quoting games).
-    """
-    if os.path.realpath(python) != os.path.realpath(sys.executable):
-        return ""
-    import site
-
-    import cacheagent
-
-    package_root = str(Path(cacheagent.__file__).resolve().parent.parent)
-    paths = [package_root, *(p for p in site.getsitepackages() if p != package_root)]
-    code = (
-        f"import sys; sys.path[:0] = {json.dumps(paths)}; "
-        "from cacheagent.triton.worker import run; run()"
-    )
-    if any(c in code for c in "'\n\\"):  # the code goes inside sh's single quotes
-        return ""
-    return code
 
 
 def install_triton(repoagent_dir: Path, python: str = sys.executable) -> Path:

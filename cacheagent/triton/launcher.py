@@ -69,6 +69,7 @@ from cacheagent.triton.install import (
     shim_library,
 )
 from cacheagent.triton.params import parse_params
+from cacheagent.triton.prestart import EarlyWorker
 from cacheagent.triton.startlisting import (
     CLAIMED,
     PENDING,
@@ -420,7 +421,12 @@ def record_policy(args: Sequence[str]) -> RecordPolicy:
 class Launcher:
     """One ``cacheagent run``: stubs, this start's listing, and Triton as a child process."""
 
-    def __init__(self, options: RunOptions, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        options: RunOptions,
+        env: Mapping[str, str] | None = None,
+        early: EarlyWorker | None = None,
+    ) -> None:
         self.options = options
         self.env = dict(os.environ if env is None else env)
         self.command = list(options.command)
@@ -438,6 +444,7 @@ class Launcher:
         self._fetcher: StartFetcher | None = None
         self._signalled = False
         self._workers: list[subprocess.Popen[bytes]] = []
+        self._early = early
         self._structural: list[str] = []
         self._fetcher_lock = threading.Lock()
 
@@ -700,8 +707,22 @@ class Launcher:
         ends on EOF on its stdin like any worker, when Triton closes it or exits.
         Only with the agent this launcher installed (another install may predate it).
         """
+        early, self._early = self._early, None
         if not self.repos or tritonargs.names_repoagent_directory(self.triton_args):
+            if early is not None:
+                early.discard()
             return env, ()
+        if early is not None:  # started by 'cacheagent run' before anything else
+            self._workers.append(early.process)
+            try:
+                req_w, resp_r = early.hand_over(env)
+            except OSError as exc:
+                log.debug("the worker started first is gone (%s); starting another", exc)
+            else:
+                return {**env, WORKER_FDS_ENV: f"{early.process.pid},{req_w},{resp_r}"}, (
+                    req_w,
+                    resp_r,
+                )
         script = self.agent_dir / AGENT_NAME / LAUNCHER_NAME
         req_r, req_w = os.pipe()
         resp_r, resp_w = os.pipe()
@@ -943,20 +964,30 @@ def launcher_logging(verbosity: int) -> Iterator[None]:
         logger.propagate = saved[1]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``cacheagent run`` with ``argv`` (default: the process's); return the exit status."""
+def main(argv: Sequence[str] | None = None, early: EarlyWorker | None = None) -> int:
+    """Run ``cacheagent run`` with ``argv`` (default: the process's); return the exit status.
+
+    ``early`` is the worker ``cacheagent run`` started before anything else
+    (:mod:`cacheagent.triton.prestart`): handed to Triton, or let go and reaped.
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        options = parse_run_args(argv)
-    except UsageError as exc:
-        print(f"{PREFIX}error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    with launcher_logging(options.verbose):
         try:
-            return Launcher(options).run()
-        except (CacheAgentError, OSError) as exc:
-            log.error("%s; Triton was not started", exc)
-            return EXIT_ERROR
+            options = parse_run_args(argv)
+        except UsageError as exc:
+            print(f"{PREFIX}error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        with launcher_logging(options.verbose):
+            try:
+                return Launcher(options, early=early).run()
+            except (CacheAgentError, OSError) as exc:
+                log.error("%s; Triton was not started", exc)
+                return EXIT_ERROR
+    finally:
+        if early is not None:  # unused (a usage error, no cloud repository): it exits on EOF
+            early.discard()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                early.process.wait(WORKER_EXIT_TIMEOUT_S)
 
 
 if __name__ == "__main__":

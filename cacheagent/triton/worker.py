@@ -67,6 +67,7 @@ from typing import Any
 
 from cacheagent import __version__
 from cacheagent.errors import CacheAgentError
+from cacheagent.triton.prestart import ENV_FIRST
 
 HEARTBEAT_INTERVAL = 1.0
 WATCHDOG_INTERVAL = 1.0
@@ -266,9 +267,7 @@ def _take_stdio() -> tuple[int, int]:
 def serve(in_fd: int, out_fd: int, handler: Handler | None = None) -> int:
     """Answer requests from ``in_fd`` on ``out_fd`` until EOF; return the exit code."""
     if handler is None:
-        from cacheagent.triton import actions  # imported before READY: a broken install fails fast
-
-        handler = actions.handle
+        handler = _actions_handler()
     channel = Channel(out_fd)
     install_log_handler(channel, _log_level(os.environ))
     channel.send(f"READY {__version__}")
@@ -280,6 +279,37 @@ def serve(in_fd: int, out_fd: int, handler: Handler | None = None) -> int:
             channel.begin()
             channel.finish(respond(line, handler, channel))
     return 0
+
+
+def _actions_handler() -> Handler:
+    """The real agent's handler; its hit path is imported meanwhile on a thread.
+
+    Imported before READY, so a broken install fails fast; the rest (the cache,
+    its index) would lengthen the first LOAD, so it loads while the worker waits.
+    """
+    from cacheagent.triton import actions
+
+    threading.Thread(target=actions.preload, name="preload", daemon=True).start()
+    return actions.handle
+
+
+def take_environment(in_fd: int) -> bool:
+    """Read the one environment line ``cacheagent run`` sends first and make it this
+    process's; False on EOF (the launcher let this worker go unused).
+
+    Nothing else can be in the pipe yet: the shim writes only after READY, which
+    comes after this.
+    """
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = os.read(in_fd, 65536)
+        if not chunk:
+            return False
+        data += chunk
+    env = json.loads(data.decode("utf-8", "surrogateescape"))["env"]
+    os.environ.clear()
+    os.environ.update({str(k): str(v) for k, v in env.items()})
+    return True
 
 
 def _log_level(env: dict[str, str] | os._Environ[str]) -> int:
@@ -299,6 +329,11 @@ def main(handler: Handler | None = None) -> int:
     parent = os.getppid()
     in_fd, out_fd = _take_stdio()
     threading.Thread(target=_watchdog_loop, args=(parent,), name="watchdog", daemon=True).start()
+    if ENV_FIRST in sys.argv[1:]:  # started early by cacheagent run (triton.prestart)
+        if handler is None:
+            handler = _actions_handler()  # while the launcher prepares
+        if not take_environment(in_fd):
+            return 0
     return serve(in_fd, out_fd, handler)
 
 

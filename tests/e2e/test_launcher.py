@@ -60,7 +60,9 @@ def launch(
     **kwargs: object,
 ) -> TritonServer:
     """tritonserver on the rig's ``models/`` repository, started through ``cacheagent run``."""
-    wrapper = [sys.executable, "-m", "cacheagent.triton.launcher", "--cache-dir", str(cache_dir)]
+    # As users run it: 'cacheagent run' (its first worker starts before the launcher's
+    # imports; cacheagent.triton.prestart).
+    wrapper = [sys.executable, "-m", "cacheagent.cli.main", "run", "--cache-dir", str(cache_dir)]
     return triton_factory(
         rig.url("models"),
         wrapper=[*wrapper, *options, "--"],
@@ -181,7 +183,8 @@ def test_the_first_worker_is_started_by_the_launcher_and_adopted_by_the_shim(
     s3_rig: StorageRig, triton_factory: Factory, tmp_path: Path
 ) -> None:
     """The worker answering Triton's LOADs was started ahead of Triton (it is the
-    launcher's child), and once Triton exits it exits too and is reaped."""
+    launcher's child, started first thing), and once Triton exits it exits too and
+    is reaped."""
     put_add_model(s3_rig, "models", "add", weights_file([1.0] * 4))
     server = launch(triton_factory, s3_rig, tmp_path / "cache")
     assert answers(server, "add", [1.0] * 4)
@@ -189,6 +192,8 @@ def test_the_first_worker_is_started_by_the_launcher_and_adopted_by_the_shim(
     status = Path(f"/proc/{worker}/status").read_text()
     [ppid] = [line.split()[1] for line in status.splitlines() if line.startswith("PPid:")]
     assert int(ppid) == server.pid  # the launcher, not tritonserver
+    # ... started by 'cacheagent run' before its own work, given Triton's env later.
+    assert b"--env-first" in Path(f"/proc/{worker}/cmdline").read_bytes().split(b"\0")
     assert server.stop() == 0
     assert not Path(f"/proc/{worker}").exists()
 

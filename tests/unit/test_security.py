@@ -27,7 +27,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cacheagent.cache import Cache, LeaseSpec
-from cacheagent.cli.main import build_parser, main
+from cacheagent.cli.main import main
+from cacheagent.cli.parser import build_parser
 from cacheagent.errors import CacheAgentError, UnsafeCacheDirError
 from cacheagent.remote.listing import list_manifest
 from cacheagent.remote.location import parse_location

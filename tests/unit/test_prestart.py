@@ -1,0 +1,109 @@
+"""The first worker of ``cacheagent run``: started before the launcher's work, handed over later.
+
+Real worker processes on real pipes: what the shim would read is read here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cacheagent.triton.prestart import EarlyWorker, start_early
+
+CLOUD_RUN = ["--cache-dir", "/unused", "--", "tritonserver", "--model-repository=s3://b/models"]
+
+
+def read_line(fd: int, timeout: float = 30.0) -> str:
+    """One line from ``fd``, bounded; "" on EOF."""
+    data = b""
+    while not data.endswith(b"\n"):
+        ready, _, _ = select.select([fd], [], [], timeout)
+        assert ready, f"no line from the worker within {timeout} s (so far: {data!r})"
+        chunk = os.read(fd, 1)
+        if not chunk:
+            return data.decode()
+        data += chunk
+    return data.decode().rstrip("\n")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--cache-dir", "/c", "--", "tritonserver", "--model-repository=/local/models"],
+        ["--cache-dir", "/c", "tritonserver", "--model-repository=s3://b/m"],  # no "--"
+        [*CLOUD_RUN, "--repoagent-directory=/opt/agents"],
+        ["--help"],
+    ],
+)
+def test_no_worker_is_started_when_the_launcher_would_not_use_it(argv: list[str]) -> None:
+    assert start_early(argv) is None
+
+
+def test_the_worker_takes_the_launchers_environment_before_it_says_ready(tmp_path: Path) -> None:
+    early = start_early(CLOUD_RUN)
+    assert isinstance(early, EarlyWorker)
+    try:
+        # It waits, silent, until it has its environment: READY means "ready for Triton".
+        ready, _, _ = select.select([early._from_worker], [], [], 0.5)
+        assert not ready
+        cmdline = Path(f"/proc/{early.process.pid}/cmdline").read_bytes().split(b"\0")
+        assert b"--env-first" in cmdline and b"-I" in cmdline
+        to_worker, from_worker = early.hand_over({"PATH": os.environ["PATH"]})
+        assert read_line(from_worker).startswith("READY ")
+        # A real action: a local model is left untouched (answered without storage).
+        request = {"action": "LOAD", "artifact_type": "FILESYSTEM", "location": str(tmp_path)}
+        os.write(to_worker, json.dumps(request).encode() + b"\n")
+        answer = read_line(from_worker)
+        while answer.startswith(("LOG ", "HB")):
+            answer = read_line(from_worker)
+        assert answer == "OK "
+        os.close(to_worker)  # EOF: the worker ends, as when Triton exits
+        assert early.process.wait(30) == 0
+        os.close(from_worker)
+    finally:
+        early.discard()
+        if early.process.poll() is None:
+            early.process.kill()
+            early.process.wait()
+
+
+def test_a_discarded_worker_exits_without_a_word() -> None:
+    early = start_early(CLOUD_RUN)
+    assert early is not None
+    from_worker = os.dup(early._from_worker)
+    early.discard()
+    assert early.process.wait(30) == 0
+    assert read_line(from_worker) == ""  # no READY: it never served
+    os.close(from_worker)
+    with pytest.raises(OSError):
+        early.hand_over({})
+
+
+def test_the_environment_line_replaces_the_whole_environment() -> None:
+    """What Triton's env lacks, the worker lacks too; what it adds, the worker has."""
+    code = (
+        "import os; from cacheagent.triton.worker import take_environment; "
+        "ok = take_environment(0); "
+        "print(ok, os.environ.get('CACHEAGENT_START_DIR'), 'ONLY_IN_LAUNCHER' in os.environ)"
+    )
+    line = json.dumps({"env": {"CACHEAGENT_START_DIR": "/c/starts/1-ab", "PATH": "/bin"}}) + "\n"
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        input=line,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "ONLY_IN_LAUNCHER": "1"},
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "/c/starts/1-ab", "False"]
+    eof = subprocess.run(
+        [sys.executable, "-c", code], input="", capture_output=True, text=True, timeout=60
+    )
+    assert eof.stdout.split()[0] == "False"
