@@ -10,7 +10,6 @@ byte is not a size.
 from __future__ import annotations
 
 import re
-from fractions import Fraction
 
 from cacheagent.errors import InvalidParameterError
 
@@ -48,11 +47,15 @@ def parse_size(text: str | int, *, name: str = "size") -> int:
     if not match or unit not in _UNITS:
         raise InvalidParameterError(f"{name}: {text!r} is not a size; use {ACCEPTED_SIZE_FORMS}")
     whole, _, fraction = match.group(1).partition(".")
-    # Exact arithmetic: a float would round large byte counts. Past 20 digits the
+    # Exact integer arithmetic: a float would round large byte counts. Past 20 digits the
     # value is over MAX_SIZE anyway, and Python refuses to convert huge digit strings;
     # 30 decimals are finer than a byte even in PiB.
-    exact = Fraction(f"{whole}.{fraction[:30] or 0}") if len(whole) <= 20 else None
-    value = MAX_SIZE + 1 if exact is None else int(exact * _UNITS[unit])
+    digits = fraction[:30]
+    value = (
+        int(whole + digits) * _UNITS[unit] // 10 ** len(digits)
+        if len(whole) <= 20
+        else MAX_SIZE + 1
+    )
     if value > MAX_SIZE:
         raise InvalidParameterError(
             f"{name}: {text!r} is larger than any disk ({MAX_SIZE} bytes at most)"

@@ -33,7 +33,6 @@ import functools
 import json
 import logging
 import os
-import secrets
 import shutil
 import sqlite3
 import threading
@@ -435,7 +434,7 @@ class Index:
         return result == "ok" and {"Cache", "Settings"} <= tables
 
     def _move_aside(self) -> Path:
-        stamp = time.strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(2)
+        stamp = time.strftime("%Y%m%dT%H%M%S") + "-" + os.urandom(2).hex()
         aside = self.root / f"index.corrupt-{stamp}"
         # The write-ahead log and shared memory belong to the damaged file: a WAL
         # left beside a new database could be replayed into it.

@@ -28,7 +28,6 @@ import contextlib
 import errno
 import fcntl
 import os
-import secrets
 import stat
 import threading
 import time
@@ -142,7 +141,7 @@ def read_token(path: Path, limit: int = 64 * 1024) -> bytes:
 
 def random_name(prefix: str) -> str:
     """A fresh token or temp name: ``prefix`` and 16 random hex digits."""
-    return f"{prefix}{secrets.token_hex(8)}"
+    return f"{prefix}{os.urandom(8).hex()}"
 
 
 # -- the owner token of this process ---------------------------------------------

@@ -34,7 +34,6 @@ import re
 import shutil
 import stat
 import threading
-import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -362,7 +361,7 @@ class Store:
         # Renamed within its own filesystem (snapshots/ may be a mount of its own). No
         # owner name: it is garbage already, so any cleaner may finish deleting it,
         # and eviction on a disk out of inodes must not need a new owner token.
-        doomed = self._staging_dir(self.snapshots_dir) / f"gone.{uuid.uuid4().hex}.gone"
+        doomed = self._staging_dir(self.snapshots_dir) / f"gone.{os.urandom(16).hex()}.gone"
         try:
             os.rename(target, doomed)
         except FileNotFoundError:
@@ -411,7 +410,7 @@ class Store:
         its writer is gone.
         """
         owner = OWNERS.name_in(self.owners_dir)
-        return self._staging_dir(destination) / f"{owner}.{uuid.uuid4().hex}{suffix}"
+        return self._staging_dir(destination) / f"{owner}.{os.urandom(16).hex()}{suffix}"
 
     def _staging_dir(self, destination: Path) -> Path:
         with self._staging_lock:

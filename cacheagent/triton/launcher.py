@@ -32,7 +32,6 @@ import contextlib
 import functools
 import logging
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -327,7 +326,7 @@ class StartDir:
     def __init__(self, starts_root: Path) -> None:
         starts_root.mkdir(mode=0o700, parents=True, exist_ok=True)
         remove_leftover_starts(starts_root)
-        self.id = f"{os.getpid()}-{secrets.token_hex(8)}"
+        self.id = f"{os.getpid()}-{os.urandom(8).hex()}"
         # The token first, then the directory: a cleaner never sees the directory unowned.
         self._token: HeldToken | None = hold_token(starts_root / f"{self.id}.live", shared=False)
         self.path = starts_root / self.id

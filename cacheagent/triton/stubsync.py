@@ -32,7 +32,6 @@ import contextlib
 import json
 import os
 import re
-import secrets
 import shutil
 import time
 from collections.abc import Callable, Mapping
@@ -318,9 +317,7 @@ def _stubbed_models(out: Path) -> list[str]:
 def _work_dir(model_dir: Path, prefix: str) -> Path:
     # Beside the stub, not in it: Triton must never see a half-made model directory.
     stub = model_dir.parent
-    return (
-        stub.parent / f"{prefix}{stub.name}-{model_dir.name}-{os.getpid()}-{secrets.token_hex(4)}"
-    )
+    return stub.parent / f"{prefix}{stub.name}-{model_dir.name}-{os.getpid()}-{os.urandom(4).hex()}"
 
 
 def _create_model_dir(model_dir: Path, files: Mapping[str, str]) -> None:
