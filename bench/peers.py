@@ -63,6 +63,7 @@ import importlib.util
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -1337,6 +1338,9 @@ def main(argv: list[str] | None = None) -> int:
         plot(saved, args.render.with_suffix(".png"))
         print(md)
         return 0
+    # A plain SIGTERM (timeout, kill) would skip every finally: SeaweedFS, Triton and
+    # the work directory would outlive the run.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     profile = "smoke" if args.smoke else "quick" if args.quick else "full"
     tag = args.tag or profile
     reps = args.reps or {"smoke": 1, "quick": 1, "full": 3}[profile]

@@ -415,8 +415,9 @@ class Cache:
                 from_tier += tier_bytes
             if missing:
                 self._confirm_unchanged(loc, manifest, call.settings.timeout)
-            for entry in missing:
-                self.index.remember_blob(_content_id(loc, entry), fetched[entry.path])
+            self.index.remember_blobs(
+                (_content_id(loc, entry), fetched[entry.path]) for entry in missing
+            )
             digests.update(fetched)
             fetched_files += len(missing)
             fetched_bytes += sum(entry.size for entry in missing)

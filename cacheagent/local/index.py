@@ -37,7 +37,7 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -300,10 +300,14 @@ class Index:
         return str(value) if value else None
 
     @_repairing
-    def remember_blob(self, content_id: str, digest: str) -> None:
-        """Record that ``content_id`` is stored as blob ``digest``."""
-        with self._disk_full():
-            self._db.set(_CONTENT + content_id, digest)
+    def remember_blobs(self, blobs: Iterable[tuple[str, str]]) -> None:
+        """Record that each ``(content_id, digest)``'s content is stored as that blob.
+
+        One transaction for all: a model of many small files costs one commit.
+        """
+        with self._disk_full(), self._db.transact():
+            for content_id, digest in blobs:
+                self._db.set(_CONTENT + content_id, digest)
 
     @_repairing
     def forget_blob(self, digest: str) -> int:

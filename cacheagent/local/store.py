@@ -334,9 +334,12 @@ class Store:
             with self.room_for(temp):
                 for relpath in empty_dirs:
                     (temp / relpath).mkdir(mode=0o755, parents=True, exist_ok=True)
+                made = {temp}  # each directory once: a model may hold thousands of files
                 for relpath, digest in files:
                     dest = temp / relpath
-                    dest.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+                    if dest.parent not in made:
+                        dest.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+                        made.add(dest.parent)
                     self._link_or_copy(self.blob_path(digest), dest)
             _make_subdirs_read_only(temp)
             target = self.snapshot_path(key)
@@ -508,8 +511,12 @@ def _is_real_dir(path: Path) -> bool:
 
 def _ensure_real_dir(path: Path) -> None:
     """Make ``path`` a directory of ours, replacing a planted symlink or file."""
-    if os.path.lexists(path) and not _is_real_dir(path):
+    try:
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            return  # the common case, once per blob: one system call
         _rmtree(path)
+    except FileNotFoundError:
+        pass
     with contextlib.suppress(FileExistsError):
         path.mkdir(mode=DIR_MODE)
 
