@@ -24,7 +24,7 @@ import os
 import ssl
 import threading
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 
 from cacheagent import __version__
@@ -186,13 +186,21 @@ def _new_connection(origin: Origin) -> http.client.HTTPConnection:
     return connection
 
 
-def _pooled(origin: Origin) -> tuple[http.client.HTTPConnection, bool]:
-    """This thread's keep-alive connection to ``origin`` (http.client is not thread-safe)."""
-    pool: dict[Origin, http.client.HTTPConnection] = _LOCAL.__dict__.setdefault("pool", {})
-    connection = pool.get(origin)
+def thread_connection(
+    key: Hashable, connect: Callable[[], http.client.HTTPConnection]
+) -> tuple[http.client.HTTPConnection, bool]:
+    """This thread's keep-alive connection for ``key`` (made by ``connect`` the first
+    time), and whether it is open already. One per thread: http.client is not
+    thread-safe. ``key`` is where it goes (an :class:`Origin`, S3's endpoint)."""
+    pool: dict[Hashable, http.client.HTTPConnection] = _LOCAL.__dict__.setdefault("pool", {})
+    connection = pool.get(key)
     if connection is None:
-        connection = pool[origin] = _new_connection(origin)
+        connection = pool[key] = connect()
     return connection, connection.sock is not None
+
+
+def _pooled(origin: Origin) -> tuple[http.client.HTTPConnection, bool]:
+    return thread_connection(origin, lambda: _new_connection(origin))
 
 
 def hold_to_deadline(connection: http.client.HTTPConnection, deadline: Deadline) -> None:

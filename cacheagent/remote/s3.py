@@ -29,7 +29,6 @@ import hmac
 import http.client
 import re
 import ssl
-import threading
 import urllib.parse
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
@@ -104,20 +103,6 @@ def sign(
         f"AWS4-HMAC-SHA256 Credential={key}/{scope}, SignedHeaders={signed}, Signature={signature}"
     )
     return headers
-
-
-def sign_get(
-    host: str,
-    path: str,
-    query: dict[str, str],
-    key: str,
-    secret: str,
-    region: str,
-    token: str | None = None,
-    now: dt.datetime | None = None,
-) -> dict[str, str]:
-    """The headers of a SigV4-signed S3 GET of ``path`` with ``query`` (no body)."""
-    return sign("GET", host, path, query, key, secret, region, token, EMPTY_SHA256, now)
 
 
 def quote_path(path: str) -> str:
@@ -209,7 +194,6 @@ def can_read(location: Location) -> bool:
 
 # -- connections ---------------------------------------------------------------
 
-_LOCAL = threading.local()
 _BODY_PIECE = plainhttp.BODY_PIECE  # read bodies in pieces, each held to the deadline
 
 
@@ -240,12 +224,7 @@ def _new_connection(ep: Endpoint) -> http.client.HTTPConnection:
 
 
 def _pooled(ep: Endpoint) -> tuple[http.client.HTTPConnection, bool]:
-    """This thread's keep-alive connection for ``ep`` (http.client is not thread-safe)."""
-    pool: dict[Endpoint, http.client.HTTPConnection] = _LOCAL.__dict__.setdefault("pool", {})
-    connection = pool.get(ep)
-    if connection is None:
-        connection = pool[ep] = _new_connection(ep)
-    return connection, connection.sock is not None
+    return plainhttp.thread_connection(ep, lambda: _new_connection(ep))
 
 
 def request_target(ep: Endpoint, path_and_query: str) -> str:
@@ -260,7 +239,7 @@ def _send(
 ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
     """Send one signed GET and return the connection and its answer's head."""
     for attempt in (1, 2):
-        headers = sign_get(ep.origin.netloc, path, query, ep.key, ep.secret, ep.region, ep.token)
+        headers = sign("GET", ep.origin.netloc, path, query, ep.key, ep.secret, ep.region, ep.token)
         headers["user-agent"] = USER_AGENT  # unsigned; names us in storage access logs
         headers.update(extra)
         if ep.proxy is not None and ep.origin.scheme == "http":

@@ -8,7 +8,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
 from cacheagent.remote.location import parse_location
-from cacheagent.remote.s3 import EMPTY_SHA256, fast_find, sign_get
+from cacheagent.remote.s3 import EMPTY_SHA256, fast_find, sign
 
 NOW = dt.datetime(2026, 11, 21, 12, 34, 56, tzinfo=dt.timezone.utc)
 
@@ -23,8 +23,16 @@ NOW = dt.datetime(2026, 11, 21, 12, 34, 56, tzinfo=dt.timezone.utc)
 )
 def test_signature_matches_botocore(query, token):
     host = "127.0.0.1:9000"
-    ours = sign_get(
-        host, "/my-bucket", query, "AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG", "eu-west-1", token, NOW
+    ours = sign(
+        "GET",
+        host,
+        "/my-bucket",
+        query,
+        "AKIDEXAMPLE",
+        "wJalrXUtnFEMI/K7MDENG",
+        "eu-west-1",
+        token,
+        now=NOW,
     )
 
     request = AWSRequest(method="GET", url=f"http://{host}/my-bucket", params=query)
