@@ -90,10 +90,10 @@ def cache_for(cache_dir: Path) -> Cache:
 def preload() -> None:
     """Import what a LOAD's hit path needs (the cache, its index, diskcache, SQLite).
 
-    A fresh worker runs this on a thread as soon as it is READY: the imports then
-    overlap the wait for Triton's first request and for this start's listing,
-    instead of lengthening the first LOAD. Never raises: a broken import is the
-    LOAD's to report.
+    A fresh worker runs this on a thread as soon as it has imported this module:
+    the imports then overlap the wait for Triton's first request and for this
+    start's listing, instead of lengthening the first LOAD. Never raises: a
+    broken import is the LOAD's to report.
     """
     try:
         import cacheagent.cache  # noqa: F401
