@@ -109,3 +109,50 @@ def test_a_fresh_worker_lists_before_it_imports_the_cache(tmp_path):
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
     )
     assert out.stdout.strip() == "none"
+
+
+@pytest.mark.parametrize("launched", [True, False])
+def test_a_load_the_start_listing_validated_starts_no_sibling_prefetch(
+    tmp_path, logs, monkeypatch, launched
+):
+    """Under 'cacheagent run' the launcher fetches every model of the start's listing
+    itself: the LOAD answers without building the prefetcher (its storage client's
+    imports were 30 ms between the HIT and Triton's "loading:"). Without a start
+    record the LOAD still hands its siblings to the prefetcher."""
+    from cacheagent.remote.listing import list_tree
+    from cacheagent.remote.location import parse_location
+    from cacheagent.triton.startlisting import START_ENV, ModelRecord, portable_info, record_name
+
+    model = make_model(tmp_path / "remote" / "add")
+    source = parse_location(str(model))
+    if launched:  # what the launcher writes: this start's listing of the model
+        start = tmp_path / "c" / "starts" / "1-ab"
+        start.mkdir(parents=True)
+        entries = {k: portable_info(v) for k, v in list_tree(source).items()}
+        record = ModelRecord(
+            start=start.name,
+            source=source.url,
+            entries=entries,
+            listed_at=__import__("time").time(),
+            fresh_for=None,
+            once=True,
+        )
+        (start / record_name(source.url)).write_text(record.to_json())
+        monkeypatch.setenv(START_ENV, str(start))
+    handed: list[str] = []
+
+    class Tripwire:  # records what a real prefetcher would have been given
+        def after_load(self, location, name):
+            handed.append(name)
+
+    monkeypatch.setattr(actions, "prefetcher", Tripwire)
+    stub = tmp_path / "stub" / "add"
+    stub.mkdir(parents=True)
+    out = actions.handle(
+        request("LOAD", stub, tmp_path / "c", artifact="FILESYSTEM", source=str(model)),
+        lambda *a: logs.append(a),
+    )
+    assert out and sorted(os.listdir(out)) == ["2", "config.pbtxt"]
+    validated = any("validated by this start's listing" in m for _lvl, m in logs)
+    assert validated == launched
+    assert handed == ([] if launched else ["add"])
