@@ -1328,6 +1328,12 @@ def _via(choice: str) -> str:
     return choice
 
 
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    # Once: a second SIGTERM must not cut short the cleanup the first one started.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; write markdown, JSON and PNG; print the markdown."""
     args = parse_args(argv)
@@ -1340,7 +1346,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     # A plain SIGTERM (timeout, kill) would skip every finally: SeaweedFS, Triton and
     # the work directory would outlive the run.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     profile = "smoke" if args.smoke else "quick" if args.quick else "full"
     tag = args.tag or profile
     reps = args.reps or {"smoke": 1, "quick": 1, "full": 3}[profile]

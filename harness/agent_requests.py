@@ -31,3 +31,25 @@ def agent_request(
         "params": dict(params),
         "config": {"name": model} if action == "LOAD" else None,
     }
+
+
+def write_start_record(start: Path, source_dir: Path) -> None:
+    """What ``cacheagent run`` writes for a model in its start directory ``start``: this
+    start's listing of the model directory ``source_dir`` (a local "remote")."""
+    import time
+
+    from cacheagent.remote.listing import list_tree
+    from cacheagent.remote.location import parse_location
+    from cacheagent.triton.startlisting import ModelRecord, portable_info, record_name
+
+    source = parse_location(str(source_dir))
+    start.mkdir(parents=True, exist_ok=True)
+    record = ModelRecord(
+        start=start.name,
+        source=source.url,
+        entries={k: portable_info(v) for k, v in list_tree(source).items()},
+        listed_at=time.time(),
+        fresh_for=None,
+        once=True,
+    )
+    (start / record_name(source.url)).write_text(record.to_json())

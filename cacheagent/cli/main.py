@@ -53,8 +53,16 @@ def _run(argv: list[str]) -> int:
     from cacheagent.triton.prestart import start_early
 
     early = start_early(argv)
-    from cacheagent.triton.launcher import main as run_main
+    try:
+        from cacheagent.triton.launcher import main as run_main
+    except KeyboardInterrupt:  # before the launcher's own signal handling is in place
+        from cacheagent.cli.parser import EXIT_INTERRUPTED
 
+        if early is not None:
+            early.discard()
+            early.reap(10.0)
+        print("cacheagent run: interrupted before Triton was started", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return run_main(argv, early=early)
 
 

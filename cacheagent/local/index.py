@@ -299,12 +299,16 @@ class Index:
         value = self._db.get(_CONTENT + content_id)
         return str(value) if value else None
 
-    @_repairing
     def remember_blobs(self, blobs: Iterable[tuple[str, str]]) -> None:
         """Record that each ``(content_id, digest)``'s content is stored as that blob.
 
         One transaction for all: a model of many small files costs one commit.
         """
+        # A list: a retry after the index was repaired must record every one again.
+        self._remember_blobs(list(blobs))
+
+    @_repairing
+    def _remember_blobs(self, blobs: list[tuple[str, str]]) -> None:
         with self._disk_full(), self._db.transact():
             for content_id, digest in blobs:
                 self._db.set(_CONTENT + content_id, digest)

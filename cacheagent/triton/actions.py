@@ -30,7 +30,7 @@ from cacheagent.remote.location import parse_location
 from cacheagent.sizes import format_size
 from cacheagent.triton.layout import version_selection
 from cacheagent.triton.params import AgentParams, parse_params
-from cacheagent.triton.startlisting import listed_at_start
+from cacheagent.triton.startlisting import listed_at_start, start_covers_every_model
 from cacheagent.triton.stubmark import remote_config_changed
 from cacheagent.triton.worker import LeasedPath
 
@@ -120,8 +120,9 @@ def _load(request: dict[str, Any], params: AgentParams, model: str, log: LogFn) 
     # Under 'cacheagent run' this start's one listing of the repository validates the model.
     listed = listed_at_start(location, select)
     # Under 'cacheagent run' the launcher fetches every model of the start's listing
-    # itself (startfetch), so a sibling prefetch here would only repeat its work.
-    launched = listed is not None
+    # itself (startfetch), so a sibling prefetch would only repeat its work; not in
+    # explicit mode, where it fetches the --load-model models alone.
+    covered = listed is not None and start_covers_every_model()
     if listed is None:
         from cacheagent.remote.listing import start_listing  # only when storage is listed
 
@@ -147,7 +148,7 @@ def _load(request: dict[str, Any], params: AgentParams, model: str, log: LogFn) 
         log("WARN", f"cacheagent: model '{model}': {snapshot.warning}")
     if params.source and request.get("artifact_type") == "FILESYSTEM":
         _warn_if_stub_outdated(str(request.get("location", "")), snapshot, model, log)
-    if params.prefetch and not launched:
+    if params.prefetch and not covered:
         prefetcher().after_load(str(request.get("location", "")), model)
     # The shim holds the lease token too, so the lease outlives this worker.
     token = cache.lease_token(lease_id(request))

@@ -72,6 +72,7 @@ from cacheagent.triton.prestart import EarlyWorker
 from cacheagent.triton.startlisting import (
     CLAIMED,
     PENDING,
+    START_ALL_ENV,
     START_ENV,
     ModelRecord,
     record_name,
@@ -530,8 +531,11 @@ class Launcher:
             env[MAX_SIZE_ENV] = self.options.max_size
         if self.options.shared_cache:
             env[SHARED_CACHE_ENV] = self.options.shared_cache
+        env.pop(START_ALL_ENV, None)
         if self.start is not None:
             env[START_ENV] = str(self.start.path)
+            if self.policy.models is None:
+                env[START_ALL_ENV] = "1"
         else:
             env.pop(START_ENV, None)  # never an outer launcher's start
         return env
@@ -710,6 +714,7 @@ class Launcher:
         if not self.repos or tritonargs.names_repoagent_directory(self.triton_args):
             if early is not None:
                 early.discard()
+                early.reap(WORKER_EXIT_TIMEOUT_S)  # not a zombie for Triton's lifetime
             return env, ()
         if early is not None:  # started by 'cacheagent run' before anything else
             self._workers.append(early.process)
@@ -985,8 +990,7 @@ def main(argv: Sequence[str] | None = None, early: EarlyWorker | None = None) ->
     finally:
         if early is not None:  # unused (a usage error, no cloud repository): it exits on EOF
             early.discard()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                early.process.wait(WORKER_EXIT_TIMEOUT_S)
+            early.reap(WORKER_EXIT_TIMEOUT_S)
 
 
 if __name__ == "__main__":

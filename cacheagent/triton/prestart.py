@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
 # The worker's argument that makes it read its environment before it says READY.
 ENV_FIRST = "--env-first"
 _CLOUD_MARK = "://"
+#: How long the launcher waits for the early worker to take its environment.
+HAND_OVER_TIMEOUT_S = 10.0
 
 
 def worker_boot_code(python: str) -> str:
@@ -63,19 +66,21 @@ class EarlyWorker:
         self._to_worker: int | None = to_worker
         self._from_worker: int | None = from_worker
 
-    def hand_over(self, env: Mapping[str, str]) -> tuple[int, int]:
+    def hand_over(
+        self, env: Mapping[str, str], timeout: float = HAND_OVER_TIMEOUT_S
+    ) -> tuple[int, int]:
         """Give the worker its environment; return (its stdin's write end, its stdout's
         read end) for Triton to inherit. The caller owns (and closes) both from now on.
 
-        Raises OSError (the worker is gone); the worker is then discarded.
+        Raises OSError when the worker is gone, or takes no line for ``timeout``
+        seconds (an environment over a pipe's 64 KiB waits for the worker to read);
+        the worker is then discarded.
         """
         if self._to_worker is None or self._from_worker is None:
             raise OSError("the early worker was already handed over or discarded")
         line = json.dumps({"env": dict(env)}).encode("utf-8", "surrogateescape") + b"\n"
         try:
-            view = memoryview(line)
-            while view:
-                view = view[os.write(self._to_worker, view) :]
+            _write_within(self._to_worker, line, timeout)
         except OSError:
             self.discard()
             raise
@@ -84,11 +89,33 @@ class EarlyWorker:
         return fds
 
     def discard(self) -> None:
-        """Let the worker go unused: on EOF on its stdin it exits (reaped by the owner)."""
+        """Let the worker go unused: on EOF on its stdin it exits (see :meth:`reap`)."""
         for fd in (self._to_worker, self._from_worker):
             if fd is not None:
                 os.close(fd)
         self._to_worker = self._from_worker = None
+
+    def reap(self, timeout: float) -> None:
+        """Wait for a discarded (or handed-over) worker's end; kill it after ``timeout`` s."""
+        import subprocess
+
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def _write_within(fd: int, data: bytes, timeout: float) -> None:
+    import select
+
+    deadline = time.monotonic() + timeout
+    view = memoryview(data)
+    while view:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([], [fd], [], left)[1]:
+            raise TimeoutError(f"the early worker took no environment within {timeout:.0f} s")
+        view = view[os.write(fd, view[: select.PIPE_BUF]) :]
 
 
 def start_early(argv: Sequence[str]) -> EarlyWorker | None:
@@ -100,6 +127,9 @@ def start_early(argv: Sequence[str]) -> EarlyWorker | None:
     """
     if "--" not in argv:
         return None
+    other = os.environ.get("CACHEAGENT_PYTHON", "")
+    if other and os.path.realpath(other) != os.path.realpath(sys.executable):
+        return None  # the agent's workers run that Python: so must the first one
     from cacheagent.triton import tritonargs  # the one reading of Triton's arguments
 
     command = list(argv[argv.index("--") + 2 :])

@@ -57,6 +57,9 @@ from cacheagent.remote.location import Location
 from cacheagent.remote.manifest import Manifest, build_manifest
 
 START_ENV = "CACHEAGENT_START"
+#: Set ("1") when this start's records cover every model of its listings (not in
+#: explicit mode, where only the --load-model models get one).
+START_ALL_ENV = "CACHEAGENT_START_ALL"
 RECORD_FORMAT = 1
 #: The suffix of a once-record its LOAD has claimed.
 CLAIMED = ".claimed"
@@ -197,6 +200,13 @@ def listed_at_start(
 
         return fail
     return lambda: manifest
+
+
+def start_covers_every_model(env: Mapping[str, str] | None = None) -> bool:
+    """True when ``cacheagent run`` wrote a record for, and fetches, every model of this
+    start's listings: a sibling prefetch would then only repeat its work."""
+    env = os.environ if env is None else env
+    return bool(env.get(START_ENV)) and env.get(START_ALL_ENV) == "1"
 
 
 def record_age(record: ModelRecord, now: float | None = None) -> float:

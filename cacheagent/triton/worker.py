@@ -306,9 +306,15 @@ def take_environment(in_fd: int) -> bool:
         if not chunk:
             return False
         data += chunk
-    env = json.loads(data.decode("utf-8", "surrogateescape"))["env"]
-    os.environ.clear()
-    os.environ.update({str(k): str(v) for k, v in env.items()})
+    env = {
+        str(k): str(v)
+        for k, v in json.loads(data.decode("utf-8", "surrogateescape"))["env"].items()
+    }
+    # Changed in place, never cleared first: the preload thread runs meanwhile (and
+    # must not read the environment: it is the launcher's until this returns).
+    for name in [n for n in os.environ if n not in env]:
+        del os.environ[name]
+    os.environ.update(env)
     return True
 
 

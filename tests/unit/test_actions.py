@@ -8,7 +8,7 @@ import pytest
 
 from cacheagent.errors import InvalidParameterError
 from cacheagent.triton import actions
-from harness.agent_requests import agent_request
+from harness.agent_requests import agent_request, write_start_record
 
 
 def request(action, location, cache_dir, artifact="REMOTE_FILESYSTEM", **params):
@@ -111,34 +111,23 @@ def test_a_fresh_worker_lists_before_it_imports_the_cache(tmp_path):
     assert out.stdout.strip() == "none"
 
 
-@pytest.mark.parametrize("launched", [True, False])
+@pytest.mark.parametrize("start", ["every model", "explicit", "none"])
 def test_a_load_the_start_listing_validated_starts_no_sibling_prefetch(
-    tmp_path, logs, monkeypatch, launched
+    tmp_path, logs, monkeypatch, start
 ):
     """Under 'cacheagent run' the launcher fetches every model of the start's listing
     itself: the LOAD answers without building the prefetcher (its storage client's
-    imports were 30 ms between the HIT and Triton's "loading:"). Without a start
-    record the LOAD still hands its siblings to the prefetcher."""
-    from cacheagent.remote.listing import list_tree
-    from cacheagent.remote.location import parse_location
-    from cacheagent.triton.startlisting import START_ENV, ModelRecord, portable_info, record_name
+    imports were 30 ms between the HIT and Triton's "loading:"). In explicit mode it
+    fetches the --load-model models alone, and without a start record there is no
+    start fetch: the LOAD then still hands its siblings to the prefetcher."""
+    from cacheagent.triton.startlisting import START_ALL_ENV, START_ENV
 
     model = make_model(tmp_path / "remote" / "add")
-    source = parse_location(str(model))
-    if launched:  # what the launcher writes: this start's listing of the model
-        start = tmp_path / "c" / "starts" / "1-ab"
-        start.mkdir(parents=True)
-        entries = {k: portable_info(v) for k, v in list_tree(source).items()}
-        record = ModelRecord(
-            start=start.name,
-            source=source.url,
-            entries=entries,
-            listed_at=__import__("time").time(),
-            fresh_for=None,
-            once=True,
-        )
-        (start / record_name(source.url)).write_text(record.to_json())
-        monkeypatch.setenv(START_ENV, str(start))
+    if start != "none":
+        write_start_record(tmp_path / "c" / "starts" / "1-ab", model)
+        monkeypatch.setenv(START_ENV, str(tmp_path / "c" / "starts" / "1-ab"))
+    if start == "every model":
+        monkeypatch.setenv(START_ALL_ENV, "1")
     handed: list[str] = []
 
     class Tripwire:  # records what a real prefetcher would have been given
@@ -154,5 +143,5 @@ def test_a_load_the_start_listing_validated_starts_no_sibling_prefetch(
     )
     assert out and sorted(os.listdir(out)) == ["2", "config.pbtxt"]
     validated = any("validated by this start's listing" in m for _lvl, m in logs)
-    assert validated == launched
-    assert handed == ([] if launched else ["add"])
+    assert validated == (start != "none")
+    assert handed == ([] if start == "every model" else ["add"])

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from cacheagent.triton.prestart import EarlyWorker, start_early
+from cacheagent.triton.startlisting import START_ENV
+from harness.agent_requests import agent_request, write_start_record
 
 CLOUD_RUN = ["--cache-dir", "/unused", "--", "tritonserver", "--model-repository=s3://b/models"]
 
@@ -54,15 +56,28 @@ def test_the_worker_takes_the_launchers_environment_before_it_says_ready(tmp_pat
         assert not ready
         cmdline = Path(f"/proc/{early.process.pid}/cmdline").read_bytes().split(b"\0")
         assert b"--env-first" in cmdline and b"-I" in cmdline
-        to_worker, from_worker = early.hand_over({"PATH": os.environ["PATH"]})
+        # Triton's environment names this start: the LOAD must find its record there.
+        model = tmp_path / "remote" / "add"
+        (model / "1").mkdir(parents=True)
+        (model / "1" / "model.py").write_text("# v1")
+        (model / "config.pbtxt").write_text("name: 'add'")
+        start = tmp_path / "cache" / "starts" / "1-ab"
+        write_start_record(start, model)
+        env = {"PATH": os.environ["PATH"], START_ENV: str(start)}
+        to_worker, from_worker = early.hand_over(env)
         assert read_line(from_worker).startswith("READY ")
-        # A real action: a local model is left untouched (answered without storage).
-        request = {"action": "LOAD", "artifact_type": "FILESYSTEM", "location": str(tmp_path)}
+        request = agent_request(
+            "LOAD",
+            tmp_path / "stub" / "add",
+            {"cache_dir": str(tmp_path / "cache"), "source": str(model)},
+            artifact="FILESYSTEM",
+        )
         os.write(to_worker, json.dumps(request).encode() + b"\n")
-        answer = read_line(from_worker)
-        while answer.startswith(("LOG ", "HB")):
-            answer = read_line(from_worker)
-        assert answer == "OK "
+        lines = [read_line(from_worker)]
+        while lines[-1].startswith(("LOG ", "HB", "LEASE ")):
+            lines.append(read_line(from_worker))
+        assert lines[-1].startswith("OK " + str(tmp_path / "cache")), lines
+        assert any("validated by this start's listing" in line for line in lines), lines
         os.close(to_worker)  # EOF: the worker ends, as when Triton exits
         assert early.process.wait(30) == 0
         os.close(from_worker)
@@ -83,6 +98,29 @@ def test_a_discarded_worker_exits_without_a_word() -> None:
     os.close(from_worker)
     with pytest.raises(OSError):
         early.hand_over({})
+
+
+def test_a_worker_gone_before_the_hand_over_is_an_oserror_and_is_let_go() -> None:
+    """The launcher then starts the installed worker instead (and reaps this one)."""
+    early = start_early(CLOUD_RUN)
+    assert early is not None
+    early.process.kill()
+    early.process.wait(30)
+    with pytest.raises(OSError):
+        early.hand_over({"PATH": "/bin"})
+    with pytest.raises(OSError):  # discarded: its pipes are closed
+        early.hand_over({"PATH": "/bin"})
+
+
+def test_no_early_worker_when_the_agent_runs_another_python(monkeypatch) -> None:
+    monkeypatch.setenv("CACHEAGENT_PYTHON", "/usr/bin/python3-elsewhere")
+    assert start_early(CLOUD_RUN) is None
+    monkeypatch.setenv("CACHEAGENT_PYTHON", sys.executable)
+    early = start_early(CLOUD_RUN)
+    assert early is not None
+    early.discard()
+    early.reap(30)
+    assert early.process.returncode == 0
 
 
 def test_the_environment_line_replaces_the_whole_environment() -> None:
