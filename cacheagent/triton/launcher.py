@@ -68,7 +68,7 @@ from cacheagent.triton.install import (
     shim_library,
 )
 from cacheagent.triton.params import parse_params
-from cacheagent.triton.prestart import EarlyWorker
+from cacheagent.triton.prestart import EarlyWorker, reap, spawn_worker
 from cacheagent.triton.startlisting import (
     CLAIMED,
     PENDING,
@@ -728,18 +728,10 @@ class Launcher:
                     resp_r,
                 )
         script = self.agent_dir / AGENT_NAME / LAUNCHER_NAME
-        req_r, req_w = os.pipe()
-        resp_r, resp_w = os.pipe()
         try:
-            worker = subprocess.Popen([str(script)], stdin=req_r, stdout=resp_w, env=env)
+            worker, req_w, resp_r = spawn_worker([str(script)], env)
         except OSError as exc:
-            worker = None
             log.debug("no worker started ahead of Triton (%s); the agent starts its own", exc)
-        os.close(req_r)  # the worker's ends: it holds them now (or never will)
-        os.close(resp_w)
-        if worker is None:
-            os.close(req_w)
-            os.close(resp_r)
             return env, ()
         self._workers.append(worker)
         return {**env, WORKER_FDS_ENV: f"{worker.pid},{req_w},{resp_r}"}, (req_w, resp_r)
@@ -768,16 +760,12 @@ class Launcher:
     def _reap_workers(self) -> None:
         """Reap the workers started ahead of Triton (they end once Triton is gone)."""
         for worker in self._workers:
-            try:
-                worker.wait(WORKER_EXIT_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
+            if reap(worker, WORKER_EXIT_TIMEOUT_S):
                 log.warning(
-                    "the worker %d started for Triton did not exit %.0f s after Triton; killing it",
+                    "the worker %d started for Triton did not exit %.0f s after Triton; killed it",
                     worker.pid,
                     WORKER_EXIT_TIMEOUT_S,
                 )
-                worker.kill()
-                worker.wait()
 
     def list_after_start(self) -> bool:
         """This start's first listing, with Triton already started; True if a stub's

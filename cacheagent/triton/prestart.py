@@ -97,13 +97,43 @@ class EarlyWorker:
 
     def reap(self, timeout: float) -> None:
         """Wait for a discarded (or handed-over) worker's end; kill it after ``timeout`` s."""
-        import subprocess
+        reap(self.process, timeout)
 
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+
+def spawn_worker(
+    argv: Sequence[str], env: Mapping[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], int, int]:
+    """Start a worker on two new pipes: (it, its stdin's write end, its stdout's read end).
+
+    The caller owns both ends. Raises OSError (and leaves no descriptor open).
+    """
+    import subprocess  # not at import time: the worker imports ENV_FIRST from here
+
+    to_r, to_w = os.pipe()
+    from_r, from_w = os.pipe()
+    try:
+        process = subprocess.Popen(argv, stdin=to_r, stdout=from_w, env=env)
+    except OSError:
+        os.close(to_w)
+        os.close(from_r)
+        raise
+    finally:
+        os.close(to_r)  # the worker's ends: it holds them now (or never will)
+        os.close(from_w)
+    return process, to_w, from_r
+
+
+def reap(process: subprocess.Popen[bytes], timeout: float) -> bool:
+    """Wait at most ``timeout`` s for a worker's end, then kill it; True if it was killed."""
+    import subprocess
+
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        return True
+    return False
 
 
 def _write_within(fd: int, data: bytes, timeout: float) -> None:
@@ -143,17 +173,7 @@ def start_early(argv: Sequence[str]) -> EarlyWorker | None:
         if code
         else [sys.executable, "-I", "-m", "cacheagent.triton.worker", ENV_FIRST]
     )
-    import subprocess  # not at import time: the worker imports ENV_FIRST from here
-
-    to_r, to_w = os.pipe()
-    from_r, from_w = os.pipe()
     try:
-        process = subprocess.Popen(argv_worker, stdin=to_r, stdout=from_w)
+        return EarlyWorker(*spawn_worker(argv_worker))
     except OSError:
-        os.close(to_w)
-        os.close(from_r)
         return None
-    finally:
-        os.close(to_r)
-        os.close(from_w)
-    return EarlyWorker(process, to_w, from_r)
