@@ -691,7 +691,7 @@ class Launcher:
         failed = self._spawn(argv, env)
         if failed is not None:
             return failed
-        if list_after_start and self.list_after_start() and self._restart_needed():
+        if list_after_start and self._list_while_running() and self._restart_needed():
             failed = self._restart(argv, env)
             if failed is not None:
                 return failed
@@ -699,6 +699,24 @@ class Launcher:
         assert self.child is not None
         status = self.child.wait()
         return 128 - status if status < 0 else status
+
+    def _list_while_running(self) -> bool:
+        """:meth:`list_after_start`, whose failure never leaves Triton unsupervised.
+
+        Triton runs already: an error here (a full disk while writing a stub, say)
+        is logged, and Triton is supervised to its end as usual. Its LOADs then
+        check storage themselves: the start directory no longer says a listing is
+        pending, and a model without a record is listed by its own LOAD.
+        """
+        try:
+            return self.list_after_start()
+        except (CacheAgentError, OSError) as exc:
+            log.error(
+                "updating the stubs failed after Triton started (%s); Triton keeps running "
+                "on the last start's stub, and each model's load checks storage itself",
+                exc,
+            )
+            return False
 
     def _prestart_worker(self, env: dict[str, str]) -> tuple[dict[str, str], tuple[int, ...]]:
         """Start the agent's first worker now, beside Triton: (Triton's env, fds to pass).

@@ -527,6 +527,38 @@ def test_storage_down_at_a_first_start_with_no_stub_fails_before_triton(
     assert os.listdir(tmp_path / "c" / "starts") == []  # this start's directory is gone
 
 
+def test_a_failure_after_the_command_started_is_logged_and_the_command_still_supervised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The stub exists, so the command starts before the listing; the stub update then
+    fails (a full disk, injected: it cannot be timed to that write for real). The
+    launcher must still wait for the command and return its status, not say that it
+    was never started and leave it running unsupervised."""
+    import cacheagent.triton.launcher as launcher
+    from cacheagent.errors import CacheFullError
+
+    bucket = Bucket()
+    bucket.add_model("add")
+
+    def disk_full(*args: Any, **kwargs: Any) -> Any:
+        raise CacheFullError("no space left on device writing the stub")
+
+    monkeypatch.setattr(launcher, "list_repository", lambda location: bucket.listing())
+    monkeypatch.setattr(launcher, "sync_stub", disk_full)
+    cache = tmp_path / "c"
+    done = tmp_path / "done"
+    options = RunOptions(
+        cache, ["/bin/sh", "-c", f"sleep 0.3; touch {done}; exit 7", f"--model-repository={REPO}"]
+    )
+    launcher_ = Launcher(options, env=S3_ENV)
+    launcher_.repos[0].stub_dir.mkdir(parents=True)  # from an earlier start
+    with caplog.at_level(logging.ERROR, logger="cacheagent"):
+        assert launcher_.run() == 7
+    assert done.exists()  # waited for to its end
+    assert "updating the stubs failed after Triton started" in caplog.text
+    assert os.listdir(cache / "starts") == []
+
+
 def test_a_signal_before_the_command_starts_stops_the_launcher(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
