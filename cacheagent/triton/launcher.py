@@ -691,7 +691,7 @@ class Launcher:
         failed = self._spawn(argv, env)
         if failed is not None:
             return failed
-        if list_after_start and self._list_while_running() and self._restart_needed():
+        if list_after_start and self.list_after_start() and self._restart_needed():
             failed = self._restart(argv, env)
             if failed is not None:
                 return failed
@@ -699,24 +699,6 @@ class Launcher:
         assert self.child is not None
         status = self.child.wait()
         return 128 - status if status < 0 else status
-
-    def _list_while_running(self) -> bool:
-        """:meth:`list_after_start`, whose failure never leaves Triton unsupervised.
-
-        Triton runs already: an error here (a full disk while writing a stub, say)
-        is logged, and Triton is supervised to its end as usual. Its LOADs then
-        check storage themselves: the start directory no longer says a listing is
-        pending, and a model without a record is listed by its own LOAD.
-        """
-        try:
-            return self.list_after_start()
-        except (CacheAgentError, OSError) as exc:
-            log.error(
-                "updating the stubs failed after Triton started (%s); Triton keeps running "
-                "on the last start's stub, and each model's load checks storage itself",
-                exc,
-            )
-            return False
 
     def _prestart_worker(self, env: dict[str, str]) -> tuple[dict[str, str], tuple[int, ...]]:
         """Start the agent's first worker now, beside Triton: (Triton's env, fds to pass).
@@ -787,12 +769,25 @@ class Launcher:
 
     def list_after_start(self) -> bool:
         """This start's first listing, with Triton already started; True if a stub's
-        models changed in a way Triton cannot have seen (new, removed, a new config)."""
+        models changed in a way Triton cannot have seen (new, removed, a new config).
+
+        Its failure (a full disk while writing a stub, say) never leaves Triton
+        unsupervised: it is logged, and Triton runs on the last start's stub to its
+        end as usual; its LOADs check storage themselves (no listing is pending any
+        more, and a model without a record is listed by its own LOAD).
+        """
         self._structural = []
         try:
             run_in_parallel(
                 [functools.partial(self.refresh, repo, first=True) for repo in self.repos]
             )
+        except (CacheAgentError, OSError) as exc:
+            log.error(
+                "updating the stubs failed after Triton started (%s); Triton keeps running "
+                "on the last start's stub, and each model's load checks storage itself",
+                exc,
+            )
+            return False
         finally:
             assert self.start is not None
             self.start.clear_pending()  # LOADs waiting for a record stop waiting
