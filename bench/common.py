@@ -46,6 +46,14 @@ LOAD_LINE = re.compile(
     r"(?P<fetched>[0-9.]+ ?[KMGT]?i?B) fetched \((?P<files_fetched>\d+) of (?P<files>\d+) files, "
     r"(?P<total>[^)]*) total\) in (?P<seconds>[0-9.]+) s from "
 )
+# Triton's log line prefix (glog): severity, month and day, local wall-clock time to the
+# microsecond, thread id, source line. Only Triton writes such lines; the launcher's own
+# lines on the same stderr start with "cacheagent run:".
+GLOG_LINE = re.compile(
+    r"^[IWEF](?P<month>\d\d)(?P<day>\d\d) (?P<h>\d\d):(?P<m>\d\d):(?P<s>\d\d)\.(?P<us>\d{6}) +"
+    r"\d+ (?P<source>[\w.]+):\d+\] ?(?P<text>.*)$",
+    re.M,
+)
 # A model that fails under --model-control-mode=none never makes the server ready;
 # these lines say so at once instead of after the ready timeout.
 FAILURE_LINES = ("failed to load", "Poll failed for model directory")
@@ -295,6 +303,45 @@ class AgentLoad:
     seconds: float
     files: int
     files_fetched: int
+
+
+@dataclass(frozen=True)
+class LogPhases:
+    """When a start reached two points of Triton's own start-up, from its log.
+
+    Seconds after ``began`` (the moment the measured process was spawned); NaN
+    when the log has no such line.
+    """
+
+    triton_s: float  # Triton's first log line: the server process is up
+    loading_s: float  # its first "loading: <model>:<version>" line: a model's load begins
+    # (with an agent, only once the agent's LOAD has answered)
+
+
+def log_phases(log_text: str, began: float) -> LogPhases:
+    """Where the time before READY went, by Triton's log timestamps (see :class:`LogPhases`).
+
+    ``began`` is ``time.time()`` when the process was spawned. glog writes local
+    time with month and day but no year: the year is ``began``'s, or the next one
+    for a line that would otherwise fall long before ``began`` (a start across New
+    Year's midnight).
+    """
+    import datetime as dt
+
+    year = dt.datetime.fromtimestamp(began).year
+    first = loading = float("nan")
+    for m in GLOG_LINE.finditer(log_text):
+        fields = (int(m[k]) for k in ("month", "day", "h", "m", "s", "us"))
+        when = dt.datetime(year, *fields)
+        offset = when.timestamp() - began
+        if offset < -86400:
+            offset = when.replace(year=year + 1).timestamp() - began
+        if first != first:
+            first = offset
+        if m["source"] == "model_lifecycle.cc" and m["text"].startswith('"loading: '):
+            loading = offset
+            break
+    return LogPhases(first, loading)
 
 
 @dataclass

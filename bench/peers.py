@@ -90,6 +90,7 @@ from .common import (
     AgentLoad,
     Case,
     GiB,
+    LogPhases,
     MiB,
     Spread,
     Traffic,
@@ -99,6 +100,7 @@ from .common import (
     force_rmtree,
     free_disk,
     log,
+    log_phases,
     make_workdir,
     many_files_case,
     many_models_case,
@@ -108,6 +110,7 @@ from .common import (
 )
 
 NAN = float("nan")
+NO_PHASES = LogPhases(NAN, NAN)
 MB = 1e6
 KiB_32 = 32 * 1024
 LAUNCHER_MODULE = "cacheagent.triton.launcher"
@@ -440,6 +443,10 @@ class Start:
     first_get_s: float = NAN  # after the start's beginning
     last_byte_s: float = NAN
     wire_Bps: float = NAN  # content bytes over first GET .. last byte
+    # From Triton's log (bench.common.LogPhases), seconds after the start began (the
+    # pre-step included): Triton's first line, and its first model load beginning.
+    triton_up_s: float = NAN
+    loading_s: float = NAN
     loads: list[dict[str, Any]] = field(default_factory=list)
     via: str = ""
     copied: int = 0  # files s5cmd copied
@@ -539,8 +546,8 @@ class Bench:
         launcher: bool = False,
         agent_dir: Path | None = None,
         timeout: float = 600.0,
-    ) -> tuple[float, str, list[AgentLoad]]:
-        """One Triton start: (seconds to READY, error, agent LOADs). Always stopped."""
+    ) -> tuple[float, str, list[AgentLoad], LogPhases]:
+        """One Triton start: (seconds to READY, error, agent LOADs, phases). Always stopped."""
         self._seq += 1
         log_path = self.logs / f"{self._seq:04d}-{label}.log"
         self.triton_tmp.mkdir(exist_ok=True)
@@ -566,6 +573,7 @@ class Bench:
         seconds, error = NAN, ""
         try:
             started = time.monotonic()
+            began = time.time()
             server.start()
             next_log_check = started + 0.5
             while True:
@@ -596,7 +604,7 @@ class Bench:
         text = server.log_text()
         if error:
             error += f" (log: {log_path})\n" + "\n".join(_log_excerpt(text))
-        return seconds, error, parse_loads(text)
+        return seconds, error, parse_loads(text), log_phases(text, began)
 
     # ------------------------------------------------------------ stub (pre-launcher)
     def write_stub(
@@ -652,30 +660,30 @@ class Bench:
                 start.error = f"not run: predicted {predicted:.0f} s > --native-budget {budget:g}"
                 return start
             start.via = "tritonserver on s3://"
-            secs, err, loads = self.triton(column, staged.s3_url, models, timeout=timeout)
+            secs, err, loads, phases = self.triton(column, staged.s3_url, models, timeout=timeout)
         elif column in ("cold", "warm"):
             if column == "cold":
                 force_rmtree(cache)
                 force_rmtree(stub)
             if self.via == "launcher":
                 start.via = "cacheagent run --cache-dir DIR -- tritonserver"
-                secs, err, loads = self.triton(
+                secs, err, loads, phases = self.triton(
                     column, staged.s3_url, models, cache=cache, launcher=True, timeout=timeout
                 )
             else:
                 start.via = "cacheagent stub + tritonserver --repoagent-directory"
                 pre, err = self.write_stub(staged, cache, stub, timeout)
                 start.pre_seconds = pre
-                secs, loads = NAN, []
+                secs, loads, phases = NAN, [], NO_PHASES
                 if not err:
-                    secs, err, loads = self.triton(
+                    secs, err, loads, phases = self.triton(
                         column, stub, models, cache=cache, agent_dir=self.agents, timeout=timeout
                     )
         elif column in ("s5cmd-cold", "s5cmd-warm"):
             if column == "s5cmd-cold":
                 force_rmtree(synced)
             start.via = "s5cmd sync + tritonserver on the directory"
-            secs, loads = NAN, []
+            secs, loads, phases = NAN, [], NO_PHASES
             try:
                 sync = s5cmd_sync(
                     staged.s5cmd_url,
@@ -690,14 +698,16 @@ class Bench:
             except PeerError as exc:
                 err = str(exc)[-1500:]
             if not err:
-                secs, err, loads = self.triton(column, synced, models, timeout=timeout)
+                secs, err, loads, phases = self.triton(column, synced, models, timeout=timeout)
         elif column == "local":
             start.via = "tritonserver on a local copy"
-            secs, err, loads = self.triton(column, staged.local, models, timeout=timeout)
+            secs, err, loads, phases = self.triton(column, staged.local, models, timeout=timeout)
         else:
             raise ValueError(f"unknown column {column!r}")
         start.triton_seconds = secs
         start.seconds = start.pre_seconds + secs
+        start.triton_up_s = start.pre_seconds + phases.triton_s
+        start.loading_s = start.pre_seconds + phases.loading_s
         start.error = err
         start.loads = [asdict(load) for load in loads]
         self._traffic(start, began)
@@ -1041,7 +1051,12 @@ def render(results: Mapping[str, Any]) -> str:
             "Medians over the repetitions. *pre*: `cacheagent stub` or `s5cmd sync` seconds "
             "(included in the start); *first GET* / *last byte*: when the first object GET "
             "began and the last ended, seconds after the start began; *wire MB/s*: object "
-            "bytes over that span; *peak in flight*: most requests open at once at the proxy "
+            "bytes over that span; *Triton up* / *first load*: Triton's first log line, and its "
+            "first `loading: <model>` line (with cacheagent: once the agent's LOAD has "
+            "answered), seconds after the start began, by Triton's own timestamps: the span "
+            "between them is what Triton waited for before it could load a model, and the "
+            "rest of the start (first load to READY) is Triton loading models; "
+            "*peak in flight*: most requests open at once at the proxy "
             "(from its records' start and end times); *mean GETs*: object GETs in flight on "
             "average between first GET and last byte; *agent LOADs*: count, sum and longest "
             "of the agent's `cacheagent: model ... in X s` lines.",
@@ -1066,6 +1081,8 @@ def render(results: Mapping[str, Any]) -> str:
                     "start",
                     "seconds",
                     "pre",
+                    "Triton up",
+                    "first load",
                     "requests",
                     "object GETs",
                     "MiB",
@@ -1105,7 +1122,7 @@ def describe(link: Mapping[str, Any]) -> str:
 def _breakdown(runs: Sequence[Mapping[str, Any]]) -> list[str]:
     ok = _ok(runs)
     if not ok:
-        return ["n/a"] * 11
+        return ["n/a"] * 13
     loads = [r["loads"] for r in ok]
     n_loads = statistics.median(len(x) for x in loads)
     load_sum = statistics.median(sum(float(x["seconds"]) for x in ls) for ls in loads)
@@ -1129,6 +1146,8 @@ def _breakdown(runs: Sequence[Mapping[str, Any]]) -> list[str]:
     return [
         cell("seconds", 2),
         cell("pre_seconds", 2),
+        cell("triton_up_s", 3),
+        cell("loading_s", 3),
         cell("requests", 0),
         cell("content_gets", 0),
         cell("content_bytes", 1, MiB),
