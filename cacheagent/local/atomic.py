@@ -18,12 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import os
-import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from cacheagent.errors import CacheFullError
 
@@ -64,44 +61,6 @@ def write_atomically(
 def write_text_atomically(path: Path, text: str) -> None:
     """Replace ``path`` with ``text`` atomically and durably (mode 0644)."""
     write_atomically(path, text)
-
-
-def start_writeback(fd: int, offset: int, length: int) -> bool:
-    """Ask the kernel to start writing ``length`` bytes at ``offset`` of ``fd`` to disk now.
-
-    A hint, not a guarantee (durability still comes from the fsync that follows):
-    Linux keeps freshly written data dirty in memory for up to 30 s, so a blob
-    downloaded in seconds would otherwise all be flushed by its commit's fsync,
-    about 0.45 s for 1 GiB here, with the model's load waiting on it. Started as
-    the data lands, that writeback overlaps the download and the fsync finds
-    little left to do. The pages stay cached for Triton to read.
-
-    Linux only (``sync_file_range`` with ``SYNC_FILE_RANGE_WRITE``, which
-    queues the I/O and returns); elsewhere, or on any error, it does nothing and
-    returns False: the fsync then reports whatever went wrong.
-    """
-    call = _sync_file_range()
-    if call is None or length <= 0:
-        return False
-    return int(call(fd, offset, length, _SYNC_FILE_RANGE_WRITE)) == 0
-
-
-_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of dirty pages, do not wait
-
-
-@functools.cache
-def _sync_file_range() -> Any:
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes  # only a cache fill gets here
-
-    try:
-        call = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):  # not glibc/musl, or a libc without it
-        return None
-    call.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-    call.restype = ctypes.c_int
-    return call
 
 
 def fsync_dir(directory: Path) -> None:
