@@ -9,6 +9,7 @@ repository-agent directory. Nothing here asserts a time; it measures and reports
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import os
 import re
@@ -326,8 +327,6 @@ def log_phases(log_text: str, began: float) -> LogPhases:
     for a line that would otherwise fall long before ``began`` (a start across New
     Year's midnight).
     """
-    import datetime as dt
-
     year = dt.datetime.fromtimestamp(began).year
     first = loading = float("nan")
     for m in GLOG_LINE.finditer(log_text):
