@@ -71,6 +71,7 @@ class AdaptiveLimit:
         self._round_start = clock()
         self._round_bytes = 0
         self._round_parts = 0
+        self._round_first_began = float("inf")
         self._best_rate = 0.0
         self._best_limit = self._limit
         self._growing = self._limit < self.cap
@@ -86,18 +87,31 @@ class AdaptiveLimit:
         """True once the limit stopped growing (the link is full, or at the cap)."""
         return not self._growing
 
-    def done(self, nbytes: int) -> None:
-        """Count one completed part of ``nbytes``; at the end of a round, maybe double."""
+    def done(self, nbytes: int, began: float | None = None) -> None:
+        """Count one completed part of ``nbytes``; at the end of a round, maybe double.
+
+        ``began`` is when that part's request was sent (this limit's clock). A
+        round is timed from the later of its start and its earliest request: the
+        first round would otherwise also count what came before any request was
+        sent (threads starting, the download's own set-up), read that as a slow
+        link, and take the second round's plain noise for a gain.
+        """
         with self._lock:
             self._round_bytes += nbytes
             self._round_parts += 1
+            if began is not None:
+                self._round_first_began = min(self._round_first_began, began)
             if not self._growing or self._round_parts < self._limit:
                 return
-            elapsed = max(self._clock() - self._round_start, 1e-6)
-            self._judge(self._round_bytes / elapsed)
-            self._round_start = self._clock()
+            now = self._clock()
+            anchor = self._round_start  # parts that say nothing of when they were sent
+            if self._round_first_began <= now:
+                anchor = max(anchor, self._round_first_began)
+            self._judge(self._round_bytes / max(now - anchor, 1e-6))
+            self._round_start = now
             self._round_bytes = 0
             self._round_parts = 0
+            self._round_first_began = float("inf")
 
     def _judge(self, rate: float) -> None:
         if rate < self._best_rate * GAIN:
@@ -214,10 +228,14 @@ class Link:
                 self._cond.wait(_POLL_S)
             return False
 
-    def request_done(self, nbytes: int | None) -> None:
-        """A request ended (``nbytes`` delivered, None if it failed): free its slot."""
+    def now(self) -> float:
+        """The link's clock: when a request is sent, for :meth:`request_done`."""
+        return self._clock()
+
+    def request_done(self, nbytes: int | None, began: float | None = None) -> None:
+        """A request sent at ``began`` ended with ``nbytes`` (None: it failed); free its slot."""
         if nbytes is not None:
-            self.limit.done(nbytes)
+            self.limit.done(nbytes, began)
         with self._cond:
             self._in_flight -= 1
             self._cond.notify_all()

@@ -181,6 +181,7 @@ class _Download:
             return
         entry = part.file.entry
         delivered: int | None = None
+        began = self.link.now()
         try:
             got = read_part(
                 self.location, entry.path, part.start, part.end, entry.size, self.settings.timeout
@@ -195,7 +196,7 @@ class _Download:
             self.free(size)
             raise
         finally:
-            self.link.request_done(delivered)
+            self.link.request_done(delivered, began)
 
     def store_part(self, file: _File, offset: int, data: bytes) -> None:
         """Write one part unless a whole-object stream wrote it; free what hashing frees."""

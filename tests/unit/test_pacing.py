@@ -22,9 +22,10 @@ class Link:
         while left:
             batch = min(limit.limit, left)
             rate = min(self.per_conn, self.total / batch)  # each connection's share
+            began = self.now
             self.now += part / rate
             for _ in range(batch):
-                limit.done(part)
+                limit.done(part, began)
             left -= batch
 
 
@@ -50,6 +51,33 @@ def test_a_fast_connection_keeps_the_starting_number() -> None:
     link.run(limit, 500, MiB)
     assert limit.settled and limit.limit == START
     assert limit.peak == 2 * START  # it tried once
+
+
+def test_set_up_before_the_first_request_is_not_taken_for_a_slow_link() -> None:
+    """Time between the limit's creation and its first request (threads starting, the
+    download's own set-up) is not link time: a fast link still keeps the starting
+    number and tries one doubling, where counting it would look like a gain and
+    double twice."""
+    link = Link(100e6, 64e6)
+    limit = AdaptiveLimit(256, clock=link.clock)
+    link.now += 0.25  # half a round of 32 MiB at 64 MB/s passes before any request
+    link.run(limit, 500, MiB)
+    assert limit.settled and limit.limit == START and limit.peak == 2 * START
+
+
+def test_a_round_is_timed_from_its_start_when_its_parts_began_earlier() -> None:
+    """Parts completing in a later round were sent during the one before: that round
+    is timed from its own start, so its rate is not diluted by the previous one."""
+    now = [0.0]
+    limit = AdaptiveLimit(256, start=2, clock=lambda: now[0])
+    now[0] = 1.0
+    limit.done(MiB, 0.0)
+    limit.done(MiB, 0.0)  # round 1: 2 MiB in 1 s; doubles to 4
+    assert limit.limit == 4
+    now[0] = 2.0
+    for _ in range(4):
+        limit.done(MiB, 0.0)  # round 2: 4 MiB in its 1 s, 2x the rate (from 0 s: no gain)
+    assert limit.limit == 8
 
 
 def test_a_slow_link_ends_at_the_last_doubling_that_paid() -> None:
