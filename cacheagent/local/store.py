@@ -41,6 +41,7 @@ from pathlib import Path
 import xxhash
 
 from cacheagent.errors import CacheFullError, UnsafeCacheDirError
+from cacheagent.local.atomic import start_writeback
 from cacheagent.local.liveness import OWNERS, ProcessOwners, remove_if_unheld
 
 _log = logging.getLogger(__name__)
@@ -48,6 +49,9 @@ _log = logging.getLogger(__name__)
 BLOB_MODE = 0o444
 DIR_MODE = 0o700
 HASH_CHUNK = 8 * 1024 * 1024
+# A blob's received bytes are handed to the disk in runs of this size as they land
+# (atomic.start_writeback), so its commit's fsync has little left to flush.
+WRITEBACK_CHUNK = 8 * 1024 * 1024
 STAGING = ".staging"  # a name no blob shard (2 hex digits) or snapshot key can have
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
@@ -102,6 +106,7 @@ class BlobWriter:
             self._fd = os.open(self.path, flags, 0o600)
         self._hasher = xxhash.xxh3_128()
         self._hashed_upto = 0
+        self._writeback_from = 0  # bytes before this are already on their way to disk
         self._pending: dict[int, bytes] = {}
         self._lock = threading.Lock()
         self._store = store
@@ -125,7 +130,17 @@ class BlobWriter:
                 self._hasher.update(chunk)
                 self._hashed_upto += len(chunk)
                 hashed += 1
+            self._start_writeback()
             return hashed, self.complete and not was_complete
+
+    def _start_writeback(self) -> None:
+        # Under the lock: _close takes it too, so the descriptor is still this blob's
+        # (start_writeback only duplicates it and queues: it never waits on the disk).
+        # Every byte before _hashed_upto has been written: it was hashed in order.
+        ready = self._hashed_upto - self._writeback_from
+        if self._fd >= 0 and ready >= WRITEBACK_CHUNK:
+            start_writeback(self._fd, self._writeback_from, ready)
+            self._writeback_from = self._hashed_upto
 
     @property
     def hashed_bytes(self) -> int:

@@ -36,6 +36,18 @@ def peak_overlap(records: list[Any], prefix: str) -> int:
     return peak
 
 
+def settled_in_flight(records: list[Any], prefix: str) -> int:
+    """Content GETs under ``prefix`` in flight when the last one was sent (itself included).
+
+    The download sends a part only when a request slot is free, so this is the
+    number it settled on, whatever it tried on the way.
+    """
+    gets = [r for r in records if r.method == "GET" and "list-type" not in r.query]
+    gets = [r for r in gets if prefix in r.path]
+    last = max(r.started for r in gets)
+    return sum(1 for r in gets if r.started <= last < r.started + r.duration_s)
+
+
 def vm_hwm_kib(pid: int) -> int:
     """The peak resident set of a running process, from /proc (0 once it is gone)."""
     try:
@@ -48,9 +60,10 @@ def vm_hwm_kib(pid: int) -> int:
     return 0
 
 
-def fetch_through(rig: StorageRig, tmp_path: Path, name: str, per_conn: float) -> int:
+def fetch_through(rig: StorageRig, tmp_path: Path, name: str, per_conn: float) -> tuple[int, int]:
     """``cacheagent warm`` of ``models/m`` in a process of its own, over a link of
-    ``per_conn`` bytes/s per connection and 64 MB/s in all; the peak overlap of its GETs.
+    ``per_conn`` bytes/s per connection and 64 MB/s in all: the most GETs it had in
+    flight at once, and the number it settled on.
 
     Its own process, as in production: the proxy's threads live in the test's
     process, and sharing one GIL with them made the download's own measurement of
@@ -67,20 +80,30 @@ def fetch_through(rig: StorageRig, tmp_path: Path, name: str, per_conn: float) -
         rig.proxy.per_conn_bytes_per_s = rig.proxy.total_bytes_per_s = None
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout)["bytes_fetched"] == 256 * MiB
-    return peak_overlap(rig.proxy.records(), "/models/m/")
+    records = rig.proxy.records()
+    return peak_overlap(records, "/models/m/"), settled_in_flight(records, "/models/m/")
 
 
 def test_a_link_with_slow_connections_gets_more_of_them(seaweed_rig: StorageRig, tmp_path: Path):
     """64 MB/s in all: at 0.5 MB/s per connection it takes 128 requests in flight to
-    fill; at 64 MB/s per connection one fills it, and the download never grows past
-    its one trial doubling of the starting number. (SeaweedFS: it serves a range at
-    the cost of the range; 256 MiB leave the slow link rounds enough to climb.)"""
+    fill, and the download climbs there; at 64 MB/s per connection one fills it, and
+    the download settles back on the starting number after trying more.
+
+    The fast link's peak is not held to one trial doubling: a noisy first round
+    (this machine's other I/O, 2 shared cores) can make the second look like a
+    gain now and then (a third of a second of 64 MB/s decides it), which costs a
+    round of idle sockets, not throughput; what it settles on is what counts.
+    (SeaweedFS: it serves a range at the cost of the range; 256 MiB leave the
+    slow link rounds enough to climb.)"""
     seaweed_rig.put_tree("models/m", {"1/w.bin": os.urandom(256 * MiB)})
-    slow = fetch_through(seaweed_rig, tmp_path, "slow", 0.5e6)
-    fast = fetch_through(seaweed_rig, tmp_path, "fast", 64e6)
-    assert slow >= 100, (slow, fast)  # near the 128 it takes to fill the link
-    assert fast <= 2 * START, (slow, fast)
-    assert slow > fast
+    slow_peak, slow = fetch_through(seaweed_rig, tmp_path, "slow", 0.5e6)
+    fast_peak, fast = fetch_through(seaweed_rig, tmp_path, "fast", 64e6)
+    assert slow_peak >= 100, (slow_peak, slow)  # near the 128 it takes to fill the link
+    # Below the peak by the parts held for hashing (the memory budget): 96-118 here.
+    assert slow >= 80, (slow_peak, slow)
+    assert fast_peak >= 2 * START, fast_peak  # it tried at least one doubling
+    assert fast <= 2 * START, (fast_peak, fast)
+    assert slow > fast, (slow, fast)
 
 
 def test_memory_stays_bounded_fetching_a_large_model(seaweed_rig: StorageRig, tmp_path: Path):

@@ -107,3 +107,74 @@ def test_foreign_owner_refused(tmp_path):
     os.chown(theirs, 12345, 12345)
     with pytest.raises(UnsafeCacheDirError, match="owned by uid 12345"):
         Store(theirs)
+
+
+def test_received_bytes_go_to_disk_in_order_as_they_land(tmp_path, monkeypatch):
+    """A big blob hands each contiguous run of received bytes to the disk once it is
+    complete, never bytes not yet received, and the blob is still exact (the hint
+    changes no data)."""
+    from cacheagent.local import atomic
+    from cacheagent.local import store as store_module
+
+    calls = []
+
+    def spy(fd, offset, length):
+        calls.append((offset, length))
+        return atomic.start_writeback(fd, offset, length)  # the real call, for real
+
+    monkeypatch.setattr(store_module, "start_writeback", spy)
+    chunk = store_module.WRITEBACK_CHUNK
+    part = 1 << 20
+    data = os.urandom(3 * chunk + part // 2)
+    store = Store(tmp_path / "c")
+    writer = store.new_blob(len(data))
+    offsets = list(range(0, len(data), part))
+    # Everything but the first part arrives first: nothing is contiguous yet.
+    for offset in offsets[1:]:
+        writer.write(offset, data[offset : offset + part])
+    assert calls == []
+    writer.write(0, data[:part])
+    assert calls == [(0, len(data))]  # the whole blob is contiguous at once
+    assert writer.commit() == xxhash.xxh3_128_hexdigest(data)
+
+    calls.clear()
+    writer = store.new_blob(len(data))
+    for offset in offsets:  # in order: one run per chunk, the short tail left to fsync
+        writer.write(offset, data[offset : offset + part])
+    assert calls == [(i * chunk, chunk) for i in range(3)]
+    assert writer.commit() == xxhash.xxh3_128_hexdigest(data)
+    assert atomic.wait_for_writeback(10)
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_writeback_runs_in_the_background_on_its_own_descriptor(tmp_path):
+    """The hint is queued on a duplicate of the descriptor, so the caller may close
+    its own at once; once handed to the kernel the duplicate is closed (no leak)."""
+    from cacheagent.local.atomic import start_writeback, wait_for_writeback
+
+    path = tmp_path / "f"
+    assert wait_for_writeback(10)
+    before = open_fds()
+    for _ in range(20):
+        with open(path, "wb") as handle:
+            handle.write(os.urandom(1 << 20))
+            handle.flush()
+            assert start_writeback(handle.fileno(), 0, 1 << 20) is True
+    assert wait_for_writeback(10)
+    assert open_fds() == before
+    assert path.stat().st_size == 1 << 20
+
+
+def test_writeback_hint_is_harmless_where_it_cannot_work(tmp_path):
+    from cacheagent.local.atomic import start_writeback, wait_for_writeback
+
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * 4096)
+    fd = os.open(path, os.O_RDONLY)
+    assert start_writeback(fd, 0, 0) is False
+    os.close(fd)
+    assert start_writeback(fd, 0, 4096) is False  # a closed descriptor: no error raised
+    assert wait_for_writeback(10)
