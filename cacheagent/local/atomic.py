@@ -170,15 +170,13 @@ class _Writeback:
             call, fd, offset, length = item
             try:
                 if int(call(fd, offset, length, _SYNC_FILE_RANGE_WRITE)) != 0:
-                    _log.debug("writeback hint refused for fd %d (errno %d)", fd, _errno())
+                    import ctypes  # loaded already: _sync_file_range made ``call``
+
+                    _log.debug(
+                        "writeback hint refused for fd %d (errno %d)", fd, ctypes.get_errno()
+                    )
             finally:
                 os.close(fd)
-
-
-def _errno() -> int:
-    import ctypes
-
-    return ctypes.get_errno()
 
 
 @functools.cache

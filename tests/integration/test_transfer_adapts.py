@@ -22,13 +22,12 @@ MiB = 1024 * 1024
 pytestmark = pytest.mark.integration
 
 
-def peak_overlap(records: list[Any], prefix: str) -> int:
-    """Most content GETs under ``prefix`` that were in flight at the same moment."""
+def peak_overlap(gets: list[Any]) -> int:
+    """Most of ``gets`` (proxy records) that were in flight at the same moment."""
     events = []
-    for r in records:
-        if r.method == "GET" and "list-type" not in r.query and prefix in r.path:
-            events.append((r.started, 1))
-            events.append((r.started + r.duration_s, -1))
+    for r in gets:
+        events.append((r.started, 1))
+        events.append((r.started + r.duration_s, -1))
     peak = current = 0
     for _, step in sorted(events, key=lambda e: (e[0], e[1])):
         current += step
@@ -36,14 +35,12 @@ def peak_overlap(records: list[Any], prefix: str) -> int:
     return peak
 
 
-def settled_in_flight(records: list[Any], prefix: str) -> int:
-    """Content GETs under ``prefix`` in flight when the last one was sent (itself included).
+def settled_in_flight(gets: list[Any]) -> int:
+    """Of ``gets`` (proxy records), those in flight when the last was sent (itself included).
 
     The download sends a part only when a request slot is free, so this is the
     number it settled on, whatever it tried on the way.
     """
-    gets = [r for r in records if r.method == "GET" and "list-type" not in r.query]
-    gets = [r for r in gets if prefix in r.path]
     last = max(r.started for r in gets)
     return sum(1 for r in gets if r.started <= last < r.started + r.duration_s)
 
@@ -80,8 +77,8 @@ def fetch_through(rig: StorageRig, tmp_path: Path, name: str, per_conn: float) -
         rig.proxy.per_conn_bytes_per_s = rig.proxy.total_bytes_per_s = None
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout)["bytes_fetched"] == 256 * MiB
-    records = rig.proxy.records()
-    return peak_overlap(records, "/models/m/"), settled_in_flight(records, "/models/m/")
+    gets = rig.content_records("models/m/", ok_only=False)
+    return peak_overlap(gets), settled_in_flight(gets)
 
 
 def test_a_link_with_slow_connections_gets_more_of_them(seaweed_rig: StorageRig, tmp_path: Path):
