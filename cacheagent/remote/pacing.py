@@ -52,7 +52,8 @@ class AdaptiveLimit:
     were allowed in flight when it began; if the round moved at least
     :data:`GAIN` times the bytes per second of the best round so far, the limit
     doubles, else it goes back to the limit of that best round (the link was
-    full: more requests would only queue) and stays there. Threads call
+    full: more requests would only queue) and stays there. The round at the cap
+    is judged too, so a doubling onto the cap is kept only if it paid. Threads call
     :meth:`done` for each completed part; the download loop reads :attr:`limit`
     before it starts another request. Thread-safe.
     """
@@ -120,9 +121,14 @@ class AdaptiveLimit:
             _log.debug("fetch: %.1f MB/s, no gain; back to %d in flight", rate / 1e6, self._limit)
             return
         self._best_rate, self._best_limit = rate, self._limit
+        if self._limit >= self.cap:
+            # The round at the cap paid too: stay. It is judged like any other, so
+            # a doubling onto the cap that brought nothing is taken back as well.
+            self._growing = False
+            _log.debug("fetch: %.1f MB/s at the cap of %d in flight", rate / 1e6, self._limit)
+            return
         self._limit = min(self.cap, self._limit * 2)
         self.peak = max(self.peak, self._limit)
-        self._growing = self._limit < self.cap
         _log.debug("fetch: %.1f MB/s; now %d in flight", rate / 1e6, self._limit)
 
     def throttled(self) -> None:

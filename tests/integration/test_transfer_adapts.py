@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -19,6 +20,9 @@ from cacheagent.remote.pacing import START
 from harness.emulators import StorageRig
 
 MiB = 1024 * 1024
+# Enough for the slow link to climb to 128 and then stay there for a quarter of
+# its sends, and for the fast link to judge a round at 128 if it tries one.
+MODEL_BYTES = 512 * MiB
 pytestmark = pytest.mark.integration
 
 
@@ -35,14 +39,20 @@ def peak_overlap(gets: list[Any]) -> int:
     return peak
 
 
-def settled_in_flight(gets: list[Any]) -> int:
-    """Of ``gets`` (proxy records), those in flight when the last was sent (itself included).
+def settled_in_flight(gets: list[Any]) -> float:
+    """What the download settled on: the median, over the last quarter of ``gets``
+    (proxy records) by the time each was sent, of how many were in flight then.
 
     The download sends a part only when a request slot is free, so this is the
-    number it settled on, whatever it tried on the way.
+    number it kept in the end, whatever it tried on the way. A median over many
+    sends, because at any one instant parts held for in-order hashing (the memory
+    budget) can leave a few dozen slots empty for a moment.
     """
-    last = max(r.started for r in gets)
-    return sum(1 for r in gets if r.started <= last < r.started + r.duration_s)
+    sends = sorted(r.started for r in gets)
+    tail = sends[len(sends) * 3 // 4 :]
+    return statistics.median(
+        sum(1 for r in gets if r.started <= sent < r.started + r.duration_s) for sent in tail
+    )
 
 
 def vm_hwm_kib(pid: int) -> int:
@@ -57,7 +67,7 @@ def vm_hwm_kib(pid: int) -> int:
     return 0
 
 
-def fetch_through(rig: StorageRig, tmp_path: Path, name: str, per_conn: float) -> tuple[int, int]:
+def fetch_through(rig: StorageRig, tmp_path: Path, name: str, per_conn: float) -> tuple[int, float]:
     """``cacheagent warm`` of ``models/m`` in a process of its own, over a link of
     ``per_conn`` bytes/s per connection and 64 MB/s in all: the most GETs it had in
     flight at once, and the number it settled on.
@@ -76,7 +86,7 @@ def fetch_through(rig: StorageRig, tmp_path: Path, name: str, per_conn: float) -
     finally:
         rig.proxy.per_conn_bytes_per_s = rig.proxy.total_bytes_per_s = None
     assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads(done.stdout)["bytes_fetched"] == 256 * MiB
+    assert json.loads(done.stdout)["bytes_fetched"] == MODEL_BYTES
     gets = rig.content_records("models/m/", ok_only=False)
     return peak_overlap(gets), settled_in_flight(gets)
 
@@ -84,19 +94,18 @@ def fetch_through(rig: StorageRig, tmp_path: Path, name: str, per_conn: float) -
 def test_a_link_with_slow_connections_gets_more_of_them(seaweed_rig: StorageRig, tmp_path: Path):
     """64 MB/s in all: at 0.5 MB/s per connection it takes 128 requests in flight to
     fill, and the download climbs there; at 64 MB/s per connection one fills it, and
-    the download settles back on the starting number after trying more.
+    the download settles back on at most one doubling of the starting number.
 
     The fast link's peak is not held to one trial doubling: a noisy first round
     (this machine's other I/O, 2 shared cores) can make the second look like a
-    gain now and then (a third of a second of 64 MB/s decides it), which costs a
-    round of idle sockets, not throughput; what it settles on is what counts.
-    (SeaweedFS: it serves a range at the cost of the range; 256 MiB leave the
-    slow link rounds enough to climb.)"""
-    seaweed_rig.put_tree("models/m", {"1/w.bin": os.urandom(256 * MiB)})
+    gain now and then, and the third round, at the cap, is then taken back
+    (it brings nothing); that costs a round of idle sockets, not throughput.
+    (SeaweedFS: it serves a range at the cost of the range.)"""
+    seaweed_rig.put_tree("models/m", {"1/w.bin": os.urandom(MODEL_BYTES)})
     slow_peak, slow = fetch_through(seaweed_rig, tmp_path, "slow", 0.5e6)
     fast_peak, fast = fetch_through(seaweed_rig, tmp_path, "fast", 64e6)
     assert slow_peak >= 100, (slow_peak, slow)  # near the 128 it takes to fill the link
-    # Below the peak by the parts held for hashing (the memory budget): 96-118 here.
+    # Below the peak by the parts held for hashing (the memory budget): 106-126 here.
     assert slow >= 80, (slow_peak, slow)
     assert fast_peak >= 2 * START, fast_peak  # it tried at least one doubling
     assert fast <= 2 * START, (fast_peak, fast)

@@ -89,6 +89,27 @@ def test_a_slow_link_ends_at_the_last_doubling_that_paid() -> None:
     assert limit.settled and limit.limit == 64 and limit.peak == 128
 
 
+def test_a_doubling_onto_the_cap_that_brings_nothing_is_taken_back() -> None:
+    """On a link that 32 requests fill, a noisy first round lets the second pass for a
+    gain and double onto the cap; the round at the cap is judged like any other, so
+    it brings nothing and goes back, instead of being kept because it is the cap."""
+    now = [0.0]
+    limit = AdaptiveLimit(128, clock=lambda: now[0])
+
+    def round_of(parts: int, seconds: float) -> None:
+        began = now[0]
+        now[0] += seconds
+        for _ in range(parts):
+            limit.done(MiB, began)
+
+    round_of(START, 0.6)  # 53 MiB/s: the link's 64 with a noisy start
+    assert limit.limit == 2 * START
+    round_of(2 * START, 1.0)  # 64 MiB/s: passes for a gain over the noisy round
+    assert limit.limit == 128 and not limit.settled
+    round_of(128, 2.0)  # still 64 MiB/s, at the cap
+    assert limit.settled and limit.limit == 2 * START and limit.peak == 128
+
+
 def test_the_cap_is_never_exceeded() -> None:
     """``concurrency`` is the cap, whatever the link."""
     link = Link(1e6, 1e9)
