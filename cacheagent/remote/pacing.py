@@ -52,8 +52,11 @@ class AdaptiveLimit:
     were allowed in flight when it began; if the round moved at least
     :data:`GAIN` times the bytes per second of the best round so far, the limit
     doubles, else it goes back to the limit of that best round (the link was
-    full: more requests would only queue) and stays there. The round at the cap
-    is judged too, so a doubling onto the cap is kept only if it paid. Threads call
+    full: more requests would only queue) and stays there. A step onto the cap
+    (when the cap is above the starting number) is judged too, so it is kept
+    only if it paid; a step shorter than a doubling (a cap of 72 after 64) needs
+    a gain in proportion (:func:`gain_needed`), or a cap a full doubling cannot
+    reach would never be kept even on a link that needs it. Threads call
     :meth:`done` for each completed part; the download loop reads :attr:`limit`
     before it starts another request. Thread-safe.
     """
@@ -85,7 +88,8 @@ class AdaptiveLimit:
 
     @property
     def settled(self) -> bool:
-        """True once the limit stopped growing (the link is full, or at the cap)."""
+        """True once the limit stopped growing: the link is full, the round at the cap
+        was judged (or the cap is the starting number), or storage throttled."""
         return not self._growing
 
     def done(self, nbytes: int, began: float | None = None) -> None:
@@ -115,7 +119,7 @@ class AdaptiveLimit:
             self._round_first_began = float("inf")
 
     def _judge(self, rate: float) -> None:
-        if rate < self._best_rate * GAIN:
+        if rate < self._best_rate * gain_needed(self._best_limit, self._limit):
             self._growing = False
             self._limit = self._best_limit
             _log.debug("fetch: %.1f MB/s, no gain; back to %d in flight", rate / 1e6, self._limit)
@@ -137,6 +141,16 @@ class AdaptiveLimit:
             self._limit = max(1, self._limit // 2)
             self._growing = False
         _log.info("fetch: storage is throttling; down to %d requests in flight", self._limit)
+
+
+def gain_needed(before: int, after: int) -> float:
+    """How much more throughput a step from ``before`` to ``after`` requests in flight
+    must bring to be kept: :data:`GAIN` for a doubling, in proportion for a shorter
+    step (64 -> 72: 1 + 0.15 x 0.125), since on a link that needs them all the
+    best it can bring is ``after / before``."""
+    if before <= 0 or after <= before:
+        return GAIN
+    return 1 + (GAIN - 1) * min(1.0, after / before - 1)
 
 
 def part_size_for(in_flight: int, largest: int) -> int:

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from cacheagent.remote.pacing import MIN_PART, START, AdaptiveLimit, MiB, part_size_for
+from cacheagent.remote.pacing import (
+    GAIN,
+    MIN_PART,
+    START,
+    AdaptiveLimit,
+    MiB,
+    gain_needed,
+    part_size_for,
+)
 
 
 class Link:
@@ -108,6 +116,35 @@ def test_a_doubling_onto_the_cap_that_brings_nothing_is_taken_back() -> None:
     assert limit.limit == 128 and not limit.settled
     round_of(128, 2.0)  # still 64 MiB/s, at the cap
     assert limit.settled and limit.limit == 2 * START and limit.peak == 128
+
+
+@pytest.mark.parametrize("cap", [36, 72, 140])
+def test_a_cap_no_doubling_reaches_is_kept_on_a_link_that_needs_it(cap: int) -> None:
+    """The step onto a cap like 72 (from 64) cannot bring a doubling's gain; it needs
+    a gain in proportion, so a link that needs every request keeps the cap."""
+    link = Link(1e6, 1e9)  # needs 1000 connections
+    limit = AdaptiveLimit(cap, clock=link.clock)
+    link.run(limit, 3000, MiB)
+    assert limit.settled and limit.limit == cap == limit.peak
+
+
+def test_a_short_step_onto_the_cap_that_brings_nothing_is_taken_back() -> None:
+    """32 requests fill the link: the step to a cap of 36 brings nothing and goes back."""
+    link = Link(5e6, 160e6)
+    limit = AdaptiveLimit(36, clock=link.clock)
+    link.run(limit, 500, MiB)
+    assert limit.settled and limit.limit == START and limit.peak == 36
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "needed"),
+    [(32, 64, GAIN), (64, 100, 1 + (GAIN - 1) * 36 / 64), (32, 36, 1 + (GAIN - 1) / 8)],
+)
+def test_the_gain_a_step_needs_is_in_proportion_to_it(
+    before: int, after: int, needed: float
+) -> None:
+    """A doubling needs :data:`GAIN`; a shorter step needs that share of its gain."""
+    assert gain_needed(before, after) == pytest.approx(needed)
 
 
 def test_the_cap_is_never_exceeded() -> None:
