@@ -39,7 +39,7 @@ from cacheagent.settings import (
 from cacheagent.sizes import format_size
 
 if TYPE_CHECKING:
-    from cacheagent.remote.transfer import FetchSettings, ProgressFn
+    from cacheagent.remote.transfer import Fetched, FetchSettings, ProgressFn
     from cacheagent.tier import Tier
 
 _log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def list_manifest(*args: Any, **kwargs: Any) -> Manifest:
     return listing(*args, **kwargs)
 
 
-def download(*args: Any, **kwargs: Any) -> dict[str, str]:
+def download(*args: Any, **kwargs: Any) -> Fetched:
     """:func:`cacheagent.remote.transfer.download`, imported on first use."""
     from cacheagent.remote.transfer import download as transfer
 
@@ -406,14 +406,16 @@ class Cache:
             fetching = FetchSettings(
                 call.settings.concurrency, call.settings.part_size, call.settings.timeout
             )
+            proven = False  # bytes from the shared tier carry no answer of the origin's
             if tier is None:
-                fetched = download(loc, missing, self.store, fetching, progress)
+                got = download(loc, missing, self.store, fetching, progress)
+                fetched, proven = got.digests, got.versions_proven
             else:
                 fetched, tier_bytes = self._fetch_with_tier(
                     tier, loc, manifest, missing, fetching, progress, call
                 )
                 from_tier += tier_bytes
-            if missing:
+            if missing and not proven:
                 self._confirm_unchanged(loc, manifest, call.settings.timeout)
             self.index.remember_blobs(
                 (_content_id(loc, entry), fetched[entry.path]) for entry in missing
@@ -489,7 +491,7 @@ class Cache:
         """Fetch ``missing`` through the shared tier: (digests, bytes that came from it)."""
 
         def origin(entries: list[FileEntry]) -> dict[str, str]:
-            return download(loc, entries, self.store, fetching, progress)
+            return download(loc, entries, self.store, fetching, progress).digests
 
         got = tier.fetch(
             loc, manifest, missing, self.store, origin, progress, call.settings, self.index.count
@@ -553,7 +555,8 @@ class Cache:
 
     def _confirm_unchanged(self, loc: Location, manifest: Manifest, timeout: float) -> None:
         # One more listing catches an object replaced while we downloaded it, so
-        # a snapshot never mixes old and new files (or parts of them).
+        # a snapshot never mixes old and new files (or parts of them). It is
+        # skipped when every answer already proved its version (Fetched).
         before = manifest.by_path()
         now = list_manifest(loc, None, lambda paths: set(paths) & set(before), timeout)
         changed = sorted(

@@ -354,21 +354,36 @@ def read_part(
     it), instead of being read, whole, once per part. An object that is gone
     or has another size than listed raises :class:`RemoteChangedError`.
     """
+    return read_tagged_part(location, relpath, start, end, size, timeout)[0]
+
+
+def read_tagged_part(
+    location: Location,
+    relpath: str,
+    start: int,
+    end: int,
+    size: int | None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> tuple[bytes | WholeObject, str | None]:
+    """:func:`read_part`, and the ETag its answer carried (None when unseen: the SDKs hide it).
+
+    With the ETag a download can tell that every byte it got is of the version
+    it listed (:func:`cacheagent.remote.manifest.is_listed_version`).
+    """
     what = f"read {relpath}"
 
-    def read(deadline: Deadline) -> bytes | WholeObject:
-        def fast_read() -> bytes | WholeObject:
+    def read(deadline: Deadline) -> tuple[bytes | WholeObject, str | None]:
+        def fast_read() -> tuple[bytes | WholeObject, str | None]:
             return _fast_part(location, relpath, start, end, size, deadline)
 
         if s3.can_read(location):
             fast = _fast(location, what, fast_read)
             if fast is not None:
                 return fast
-        return _sdk_part(location, relpath, start, end, size, deadline, timeout)
+        return _sdk_part(location, relpath, start, end, size, deadline, timeout), None
 
     try:
-        got: bytes | WholeObject = _retrying(read, location, what, None, Deadline(timeout), relpath)
-        return got
+        return _retrying(read, location, what, None, Deadline(timeout), relpath)
     except RemoteNotFoundError as exc:
         raise RemoteChangedError(
             f"{location.url}/{relpath} was listed but is gone now: it was deleted or replaced "
@@ -410,7 +425,7 @@ def _fast_part(
     end: int,
     size: int | None,
     deadline: Deadline,
-) -> bytes | WholeObject:
+) -> tuple[bytes | WholeObject, str | None]:
     body = s3.open_object(location, relpath, (start, end), deadline)
     keep_open = False
     try:
@@ -418,10 +433,10 @@ def _fast_part(
         if body.total is not None and size is not None and body.total != size:
             raise _size_changed(location, relpath, body.total, size)
         if (body.start, body.length) == (start, end - start):
-            return body.read(end - start, deadline)
+            return body.read(end - start, deadline), body.etag
         if body.start == 0 and (size is None or body.length in (size, None)):
             keep_open = True
-            return WholeObject(body, location, relpath)
+            return WholeObject(body, location, relpath), body.etag
         raise RemoteConfigError(
             f"read {relpath} failed: {url} answered {body.length} bytes from offset "
             f"{body.start} to a request for bytes {start}-{end - 1}: storage, or a proxy in "

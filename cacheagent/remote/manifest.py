@@ -186,6 +186,29 @@ def _content_md5(info: Mapping[str, Any]) -> str | None:
     return None
 
 
+def is_listed_version(entry: FileEntry, etag: str | None) -> bool:
+    """True if an answer carrying ``etag`` is provably the version of ``entry`` that was listed.
+
+    Only an S3 listing's fingerprint is its ETag (as the MD5 of a single-part
+    upload, or verbatim), and S3 sends an object's ETag with every GET, ranged
+    or not. Any other fingerprint, or an answer without an ETag, proves nothing:
+    the caller must then list again to know (False never means "changed").
+    """
+    if not etag:
+        return False
+    answered = _bare_etag(etag)
+    kind, _, listed = entry.fingerprint.partition(":")
+    if kind == "md5":
+        return answered.lower() == listed.lower()
+    return kind == "etag" and answered == _bare_etag(listed)
+
+
+def _bare_etag(etag: str) -> str:
+    # The quotes are part of the header's syntax, not of the tag (RFC 9110 8.8.3).
+    etag = etag.strip()
+    return etag[1:-1] if len(etag) >= 2 and etag[0] == etag[-1] == '"' else etag
+
+
 def _b64_to_hex(value: str) -> str | None:
     try:
         digest = base64.b64decode(value, validate=True)

@@ -325,7 +325,8 @@ class Body:
     ``start`` is the offset of its first byte in the object, ``length`` how many
     it holds, ``total`` the object's size (None when the server did not say).
     A 200 to a ranged request (a server that ignores Range) holds the whole
-    object from 0. Read with :meth:`read`, then :meth:`close`.
+    object from 0; ``etag`` is the answer's ETag header (None without one).
+    Read with :meth:`read`, then :meth:`close`.
     """
 
     def __init__(
@@ -339,6 +340,7 @@ class Body:
         self._connection, self._response = connection, response
         self.status = response.status
         self.start, self.length, self.total = start, length, total
+        self.etag: str | None = response.getheader("etag")
         self._left = length
 
     def read(self, size: int, deadline: Deadline) -> bytes:

@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING
 
 from cacheagent.errors import RemoteChangedError
 from cacheagent.local.store import BlobWriter, Store
-from cacheagent.remote.listing import WholeObject, read_part
+from cacheagent.remote.listing import WholeObject, read_tagged_part
 from cacheagent.remote.location import Location
-from cacheagent.remote.manifest import FileEntry
+from cacheagent.remote.manifest import FileEntry, is_listed_version
 from cacheagent.remote.pacing import MIN_PART, Link, link_for, part_size_for
 from cacheagent.settings import DEFAULT_CONCURRENCY, DEFAULT_PART_SIZE, DEFAULT_TIMEOUT
 
@@ -132,6 +132,8 @@ class _Download:
         self.failed = threading.Event()
         self.held = 0  # bytes of the link's memory this download holds
         self.digests: dict[str, str] = {}
+        # Set by any answer that does not prove it is the listed version (see Fetched).
+        self.unproven = False
         self.writers: list[BlobWriter] = []
         self.lock = threading.Lock()
 
@@ -183,9 +185,11 @@ class _Download:
         delivered: int | None = None
         began = self.link.now()
         try:
-            got = read_part(
+            got, etag = read_tagged_part(
                 self.location, entry.path, part.start, part.end, entry.size, self.settings.timeout
             )
+            if not is_listed_version(entry, etag):
+                self.unproven = True
             if isinstance(got, WholeObject):
                 self.stream(part.file, got, size)
                 return
@@ -317,14 +321,30 @@ class _Download:
             self.writers.clear()
 
 
+@dataclass(frozen=True)
+class Fetched:
+    """What :func:`download` stored: each relative path's blob digest, and whether
+    every answer proved it was of the version listed.
+
+    ``versions_proven`` holds when each GET carried the ETag the listing gave
+    (S3): then no byte can come from an object replaced after the listing, and
+    listing again to find out is a wasted round trip. When False (an SDK read,
+    an answer without an ETag, or one with another ETag) the caller must list
+    again before it publishes: False proves no change, only the lack of proof.
+    """
+
+    digests: dict[str, str]
+    versions_proven: bool
+
+
 def download(
     location: Location,
     entries: list[FileEntry],
     store: Store,
     settings: FetchSettings | None = None,
     progress: ProgressFn | None = None,
-) -> dict[str, str]:
-    """Fetch ``entries`` into blobs; return each relative path's blob digest.
+) -> Fetched:
+    """Fetch ``entries`` into blobs: each relative path's blob digest, and the version proof.
 
     On any failure every partial blob is removed and the first error is raised.
     """
@@ -375,7 +395,7 @@ def download(
         if errors:
             raise errors[0]  # type: ignore[misc]
         raise RuntimeError("download aborted")
-    return run.digests
+    return Fetched(run.digests, versions_proven=not run.unproven)
 
 
 def _endpoint(location: Location) -> str:

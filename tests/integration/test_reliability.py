@@ -363,6 +363,30 @@ def test_object_replaced_mid_download_is_never_published_mixed(tmp_path, rig):
     assert cache_problems(tmp_path / "cache") == []
 
 
+@pytest.mark.parametrize("origin", ["s3_rig", "seaweed_rig"])
+def test_a_miss_on_s3_lists_once_when_every_answer_carries_the_listed_etag(
+    tmp_path, origin, request
+):
+    rig: StorageRig = request.getfixturevalue(origin)
+    files = {f"1/f{i}.bin": os.urandom(3000 + i) for i in range(5)}
+    files["1/big.bin"] = os.urandom(3 * MiB)  # several ranged parts, each checked
+    rig.put_tree("models/m", files)
+    rig.put("models/m/config.pbtxt", b"c")
+    # A multipart upload: its ETag is no MD5, the fingerprint is the tag itself.
+    with rig.fs.open(rig.key("models/m/1/multi.bin"), "wb", block_size=5 * MiB) as upload:
+        upload.write(os.urandom(6 * MiB))
+    with open_cache(tmp_path / "cache", rig, part_size=MiB) as cache:
+        snap = cache.fetch(rig.url("models/m"))
+        assert not snap.hit and snap.files == 8
+        multi = next(e for e in cache.snapshots()[0].files if e[0] == "1/multi.bin")
+        assert multi[2].startswith("etag:") and multi[2].endswith('-1"'), multi
+        # Every GET named the listed version: listing again to find out would be a waste.
+        assert len(listings(rig)) == 1, [r.target for r in listings(rig)]  # type: ignore[attr-defined]
+        for relpath, data in files.items():
+            assert (snap.path / relpath).read_bytes() == data
+    assert cache_problems(tmp_path / "cache") == []
+
+
 # ---- 3. corruption ------------------------------------------------------------
 
 
