@@ -805,12 +805,12 @@ class Cache:
     ) -> list[str]:
         used = {digest for record in records for digest in record.blobs().values()}
         corrupt = []
-        for digest, _info in list(self.store.iter_blobs()):
+        for digest, path, _info in list(self.store.blob_files()):
             if not everything and digest not in used:
                 continue
             report.blobs_checked += 1
             try:
-                actual = self.store.hash_file(self.store.blob_path(digest))
+                actual = self.store.hash_file(path)
             except FileNotFoundError:  # collected by an eviction meanwhile
                 continue
             if actual != digest:

@@ -2,7 +2,7 @@
 
 Layout under the cache directory::
 
-    blobs/ab/ab12...ef      one file per distinct content, read-only
+    blobs/ab12...ef         one file per distinct content, read-only (all in one directory)
     snapshots/<key>/...     a model directory made of hardlinks to blobs
     records/<key>.json      each snapshot's record (the index is rebuilt from these)
     tmp/                    unique temp files and dirs, renamed into place when whole
@@ -22,6 +22,16 @@ destination, else in a ``.staging/`` directory inside ``blobs/`` or
 ``snapshots/``, so that each may be a separate mount and renames stay atomic.
 Snapshot files are hardlinks to blobs, or copies when the two are on different
 filesystems (logged once, since copies cost space).
+
+Blobs lie in ``blobs/`` itself, not in shards by their first two hex digits
+(``blobs/ab/ab12...``, the layout before 0.2): a fresh cache fetching a model
+of many small files made a directory for almost every file, and creating an
+inode is the dearest part of storing a small file (0.66 ms for a mkdir on the
+machines measured, against 0.02 ms for a link). Directories index their names
+(ext4 htree, XFS, btrfs), so one large ``blobs/`` costs nothing per lookup.
+A cache in the sharded layout is flattened once when a store opens it
+(:meth:`Store.flatten_shards`); a blob an older version still writes into a
+shard is counted, verified and collected where it lies.
 """
 
 from __future__ import annotations
@@ -52,7 +62,11 @@ HASH_CHUNK = 8 * 1024 * 1024
 # A blob's received bytes are handed to the disk in runs of this size as they land
 # (atomic.start_writeback), so its commit's fsync has little left to flush.
 WRITEBACK_CHUNK = 8 * 1024 * 1024
-STAGING = ".staging"  # a name no blob shard (2 hex digits) or snapshot key can have
+STAGING = ".staging"  # a name no blob, old blob shard (2 hex digits) or snapshot key can have
+# In blobs/: its presence says no shard of the old layout is left to flatten.
+FLAT_MARK = ".flat"
+_DIGEST = re.compile(r"[0-9a-f]{32}")  # an xxh3-128 hexdigest: a blob's name
+_SHARD = re.compile(r"[0-9a-f]{2}")  # a directory of blobs in the layout before 0.2
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -213,12 +227,55 @@ class Store:
             with contextlib.suppress(FileExistsError):
                 directory.mkdir(mode=DIR_MODE)
             ensure_private_dir(directory)
+        if not os.path.lexists(self.blobs_dir / FLAT_MARK):
+            self.flatten_shards()
 
     # -- blobs -------------------------------------------------------------
 
     def blob_path(self, digest: str) -> Path:
         """Where the blob with this content hash lives."""
-        return self.blobs_dir / digest[:2] / digest
+        return self.blobs_dir / digest
+
+    def flatten_shards(self) -> int:
+        """Move the blobs of the old sharded layout into ``blobs/``; return how many moved.
+
+        Runs once per cache (then :data:`FLAT_MARK` says so). Safe against a crash
+        or another process doing the same at once: each blob is linked to its new
+        name, never replacing one, before its old name goes; a snapshot holds the
+        inode, not the name, so no snapshot notices. What cannot move (a name
+        taken, a full disk) stays where it is, still counted and collected there.
+        """
+        moved, stuck = 0, False
+        for shard in self._old_shards():
+            for entry in _scandir(Path(shard.path)):
+                if not (_DIGEST.fullmatch(entry.name) and entry.is_file(follow_symlinks=False)):
+                    continue
+                try:
+                    os.link(entry.path, self.blobs_dir / entry.name, follow_symlinks=False)
+                    os.unlink(entry.path)
+                    moved += 1
+                except FileNotFoundError:
+                    continue  # moved or collected by another process meanwhile
+                except OSError as exc:
+                    stuck = True
+                    _log.debug("blob %s stays in its shard: %s", entry.path, exc)
+            with contextlib.suppress(OSError):
+                os.rmdir(shard.path)  # only once empty
+        if moved:
+            _log.info("moved %d blob(s) of %s out of the old sharded layout", moved, self.root)
+        if not stuck:
+            with contextlib.suppress(OSError):
+                flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+                os.close(os.open(self.blobs_dir / FLAT_MARK, flags, 0o600))
+        return moved
+
+    def _old_shards(self) -> list[os.DirEntry[str]]:
+        # Real directories only: a planted symlink is never followed.
+        return [
+            e
+            for e in _scandir(self.blobs_dir)
+            if _SHARD.fullmatch(e.name) and e.is_dir(follow_symlinks=False)
+        ]
 
     def has_blob(self, digest: str, size: int | None = None) -> bool:
         """True if the blob exists as a regular file (and has ``size`` bytes, when given)."""
@@ -281,9 +338,10 @@ class Store:
         return self.has_blob(digest)
 
     def remove_blob(self, digest: str) -> None:
-        """Delete a blob (used when it is found corrupt)."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.blob_path(digest))
+        """Delete a blob (used when it is found corrupt), in an old shard too."""
+        for path in (self.blob_path(digest), self.blobs_dir / digest[:2] / digest):
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                os.unlink(path)
 
     def hash_file(self, path: Path) -> str:
         """The xxh3-128 of a file's content (used by verification, never by fetching).
@@ -306,12 +364,19 @@ class Store:
 
     def iter_blobs(self) -> Iterator[tuple[str, os.stat_result]]:
         """Every blob as (digest, stat)."""
-        for shard in _scandir(self.blobs_dir):
-            if shard.name == STAGING or not shard.is_dir(follow_symlinks=False):
-                continue  # a planted symlink must not make gc delete what it points at
+        for digest, _path, info in self.blob_files():
+            yield digest, info
+
+    def blob_files(self) -> Iterator[tuple[str, Path, os.stat_result]]:
+        """Every blob as (digest, path, stat): those in ``blobs/``, and any left in an
+        old shard (a cache still written by an older version)."""
+        for entry in _scandir(self.blobs_dir):
+            if _DIGEST.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                yield entry.name, Path(entry.path), entry.stat(follow_symlinks=False)
+        for shard in self._old_shards():
             for entry in _scandir(Path(shard.path)):
-                if entry.is_file(follow_symlinks=False):
-                    yield entry.name, entry.stat(follow_symlinks=False)
+                if _DIGEST.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                    yield entry.name, Path(entry.path), entry.stat(follow_symlinks=False)
 
     def blob_bytes(self) -> int:
         """Bytes held in blobs: the cache's real disk use, since snapshots are hardlinks."""
@@ -320,9 +385,12 @@ class Store:
     def gc_blobs(self) -> GcResult:
         """Delete blobs that no snapshot links to any more (link count 1)."""
         removed = freed = 0
-        for digest, info in list(self.iter_blobs()):
+        for _digest, path, info in list(self.blob_files()):
             if info.st_nlink <= 1:
-                self.remove_blob(digest)
+                # By path: the same digest may lie in blobs/ and in an old shard, linked
+                # from snapshots in one place only.
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
                 removed += 1
                 freed += info.st_size
         return GcResult(removed, freed)

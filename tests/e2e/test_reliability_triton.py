@@ -95,10 +95,11 @@ def temp_entries_of(cache: Path, owners: list[str]) -> list[Path]:
 def cache_problems(root: Path) -> list[str]:
     """Blobs whose bytes do not match their name, snapshots that are partial or unrecorded."""
     problems = []
-    for shard in (root / "blobs").iterdir():
-        for blob in shard.iterdir():
-            if xxhash.xxh3_128_hexdigest(blob.read_bytes()) != blob.name:
-                problems.append(f"blob {blob.name} holds other bytes")
+    for blob in (root / "blobs").iterdir():
+        if blob.name in (".flat", ".staging"):
+            continue
+        if not blob.is_file() or xxhash.xxh3_128_hexdigest(blob.read_bytes()) != blob.name:
+            problems.append(f"blob {blob.name} holds other bytes")
     index = Index(root / "index")
     try:
         records = {r.key: r for r in index.snapshots()}

@@ -178,3 +178,82 @@ def test_writeback_hint_is_harmless_where_it_cannot_work(tmp_path):
     os.close(fd)
     assert start_writeback(fd, 0, 4096) is False  # a closed descriptor: no error raised
     assert wait_for_writeback(10)
+
+
+def put_blob(store: Store, data: bytes) -> str:
+    writer = store.new_blob(len(data))
+    writer.write(0, data)
+    return writer.commit()
+
+
+def test_blobs_lie_in_one_directory_so_many_small_files_make_no_directories(tmp_path):
+    store = Store(tmp_path / "c")
+    digests = [put_blob(store, os.urandom(100)) for _ in range(64)]
+    inside = sorted(p.name for p in store.blobs_dir.iterdir())
+    assert inside == sorted([*digests, ".flat"])  # 64 blobs would fill ~56 shards
+    assert all(store.blob_path(d).parent == store.blobs_dir for d in digests)
+
+
+def shard_like_before(store: Store, digest: str) -> None:
+    """Put a blob where the layout before 0.2 kept it: blobs/<first two hex>/<digest>."""
+    shard = store.blobs_dir / digest[:2]
+    shard.mkdir(exist_ok=True)
+    os.rename(store.blob_path(digest), shard / digest)
+
+
+def test_a_cache_in_the_old_sharded_layout_is_flattened_once_and_its_snapshots_keep_working(
+    tmp_path,
+):
+    root = tmp_path / "c"
+    store = Store(root)
+    data = {f"1/f{i}": os.urandom(1000 + i) for i in range(20)}
+    digests = {path: put_blob(store, blob) for path, blob in data.items()}
+    snap = store.publish_snapshot("k", sorted(digests.items()))
+    for digest in set(digests.values()):
+        shard_like_before(store, digest)
+    (store.blobs_dir / ".flat").unlink()
+    (store.blobs_dir / "ab").mkdir(exist_ok=True)
+    (store.blobs_dir / "ab" / "stray.txt").write_bytes(b"not a blob")  # left as it is
+
+    reopened = Store(root)
+    assert all(reopened.has_blob(d, len(data[p])) for p, d in digests.items())
+    assert [p.name for p in reopened.blobs_dir.iterdir() if p.is_dir()] == ["ab"]
+    assert (reopened.blobs_dir / ".flat").exists()
+    # The snapshot holds the same inodes: nothing was copied, and gc keeps them all.
+    for path, digest in digests.items():
+        assert (snap / path).stat().st_ino == reopened.blob_path(digest).stat().st_ino
+    assert reopened.gc_blobs().blobs == 0
+    assert reopened.blob_bytes() == sum(map(len, data.values()))
+    assert (reopened.blobs_dir / "ab" / "stray.txt").read_bytes() == b"not a blob"
+    assert Store(root).flatten_shards() == 0  # once: the mark says so
+
+
+def test_a_blob_an_older_version_writes_into_a_shard_is_counted_verified_and_collected(tmp_path):
+    store = Store(tmp_path / "c")
+    kept, lonely = put_blob(store, b"linked from a snapshot"), put_blob(store, b"lonely")
+    store.publish_snapshot("k", [("w.bin", kept)])
+    for digest in (kept, lonely):
+        shard_like_before(store, digest)  # after the cache was flattened
+    assert {d for d, _ in store.iter_blobs()} == {kept, lonely}
+    paths = {d: p for d, p, _ in store.blob_files()}
+    assert paths[kept] == store.blobs_dir / kept[:2] / kept
+    result = store.gc_blobs()
+    assert (result.blobs, result.bytes) == (1, len(b"lonely"))
+    assert {d for d, _ in store.iter_blobs()} == {kept}
+    store.remove_blob(kept)
+    assert list(store.iter_blobs()) == []
+
+
+def test_a_symlinked_old_shard_is_never_followed_when_flattening(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victim = outside / ("ab" + "0" * 30)
+    victim.write_bytes(b"precious")
+    store = Store(tmp_path / "c")
+    (store.blobs_dir / ".flat").unlink()
+    (store.blobs_dir / "ab").symlink_to(outside)
+    reopened = Store(tmp_path / "c")
+    assert list(reopened.iter_blobs()) == []
+    assert reopened.gc_blobs().blobs == 0
+    assert victim.read_bytes() == b"precious"
+    assert not reopened.blob_path(victim.name).exists()
