@@ -39,7 +39,7 @@ from cacheagent.settings import (
 from cacheagent.sizes import format_size
 
 if TYPE_CHECKING:
-    from cacheagent.remote.transfer import Fetched, FetchSettings, ProgressFn
+    from cacheagent.remote.transfer import FetchSettings, ProgressFn
     from cacheagent.tier import Tier
 
 _log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def list_manifest(*args: Any, **kwargs: Any) -> Manifest:
     return listing(*args, **kwargs)
 
 
-def download(*args: Any, **kwargs: Any) -> Fetched:
+def download(*args: Any, **kwargs: Any) -> dict[str, str]:
     """:func:`cacheagent.remote.transfer.download`, imported on first use."""
     from cacheagent.remote.transfer import download as transfer
 
@@ -406,16 +406,14 @@ class Cache:
             fetching = FetchSettings(
                 call.settings.concurrency, call.settings.part_size, call.settings.timeout
             )
-            proven = False  # bytes from the shared tier carry no answer of the origin's
             if tier is None:
-                got = download(loc, missing, self.store, fetching, progress)
-                fetched, proven = got.digests, got.versions_proven
+                fetched = download(loc, missing, self.store, fetching, progress)
             else:
                 fetched, tier_bytes = self._fetch_with_tier(
                     tier, loc, manifest, missing, fetching, progress, call
                 )
                 from_tier += tier_bytes
-            if missing and not proven:
+            if missing:
                 self._confirm_unchanged(loc, manifest, call.settings.timeout)
             self.index.remember_blobs(
                 (_content_id(loc, entry), fetched[entry.path]) for entry in missing
@@ -491,7 +489,7 @@ class Cache:
         """Fetch ``missing`` through the shared tier: (digests, bytes that came from it)."""
 
         def origin(entries: list[FileEntry]) -> dict[str, str]:
-            return download(loc, entries, self.store, fetching, progress).digests
+            return download(loc, entries, self.store, fetching, progress)
 
         got = tier.fetch(
             loc, manifest, missing, self.store, origin, progress, call.settings, self.index.count
@@ -555,8 +553,10 @@ class Cache:
 
     def _confirm_unchanged(self, loc: Location, manifest: Manifest, timeout: float) -> None:
         # One more listing catches an object replaced while we downloaded it, so
-        # a snapshot never mixes old and new files (or parts of them). It is
-        # skipped when every answer already proved its version (Fetched).
+        # a snapshot never mixes old and new files (or parts of them): a file
+        # replaced after its own GETs, while others still downloaded (a multi-file
+        # upload in progress), shows up only here. The ETag of each S3 answer
+        # (transfer.py) catches what no listing can: A, B, then A again.
         before = manifest.by_path()
         now = list_manifest(loc, None, lambda paths: set(paths) & set(before), timeout)
         changed = sorted(

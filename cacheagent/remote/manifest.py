@@ -186,21 +186,23 @@ def _content_md5(info: Mapping[str, Any]) -> str | None:
     return None
 
 
-def is_listed_version(entry: FileEntry, etag: str | None) -> bool:
-    """True if an answer carrying ``etag`` is provably the version of ``entry`` that was listed.
+def contradicts_listing(entry: FileEntry, etag: str | None) -> bool:
+    """True if an answer carrying ``etag`` is provably of another version than ``entry`` listed.
 
     Only an S3 listing's fingerprint is its ETag (as the MD5 of a single-part
     upload, or verbatim), and S3 sends an object's ETag with every GET, ranged
-    or not. Any other fingerprint, or an answer without an ETag, proves nothing:
-    the caller must then list again to know (False never means "changed").
+    or not. An answer without an ETag, or a fingerprint that is no ETag, proves
+    nothing either way: the listing after the download is what decides then.
+    It catches what a second listing cannot: an object replaced and put back
+    (A, B, A again) while its parts were being read, or a stale copy in between.
     """
     if not etag:
         return False
-    answered = _bare_etag(etag)
+    answered = _bare_etag(etag).lower()
     kind, _, listed = entry.fingerprint.partition(":")
     if kind == "md5":
-        return answered.lower() == listed.lower()
-    return kind == "etag" and answered == _bare_etag(listed)
+        return answered != listed.lower()
+    return kind == "etag" and answered != _bare_etag(listed).lower()
 
 
 def _bare_etag(etag: str) -> str:

@@ -30,7 +30,7 @@ from cacheagent.errors import RemoteChangedError
 from cacheagent.local.store import BlobWriter, Store
 from cacheagent.remote.listing import WholeObject, read_tagged_part
 from cacheagent.remote.location import Location
-from cacheagent.remote.manifest import FileEntry, is_listed_version
+from cacheagent.remote.manifest import FileEntry, contradicts_listing
 from cacheagent.remote.pacing import MIN_PART, Link, link_for, part_size_for
 from cacheagent.settings import DEFAULT_CONCURRENCY, DEFAULT_PART_SIZE, DEFAULT_TIMEOUT
 
@@ -132,8 +132,6 @@ class _Download:
         self.failed = threading.Event()
         self.held = 0  # bytes of the link's memory this download holds
         self.digests: dict[str, str] = {}
-        # Set by any answer that does not prove it is the listed version (see Fetched).
-        self.unproven = False
         self.writers: list[BlobWriter] = []
         self.lock = threading.Lock()
 
@@ -188,8 +186,10 @@ class _Download:
             got, etag = read_tagged_part(
                 self.location, entry.path, part.start, part.end, entry.size, self.settings.timeout
             )
-            if not is_listed_version(entry, etag):
-                self.unproven = True
+            if contradicts_listing(entry, etag):
+                if isinstance(got, WholeObject):
+                    got.close()
+                raise _replaced(self.location, entry, etag)
             if isinstance(got, WholeObject):
                 self.stream(part.file, got, size)
                 return
@@ -321,30 +321,14 @@ class _Download:
             self.writers.clear()
 
 
-@dataclass(frozen=True)
-class Fetched:
-    """What :func:`download` stored: each relative path's blob digest, and whether
-    every answer proved it was of the version listed.
-
-    ``versions_proven`` holds when each GET carried the ETag the listing gave
-    (S3): then no byte can come from an object replaced after the listing, and
-    listing again to find out is a wasted round trip. When False (an SDK read,
-    an answer without an ETag, or one with another ETag) the caller must list
-    again before it publishes: False proves no change, only the lack of proof.
-    """
-
-    digests: dict[str, str]
-    versions_proven: bool
-
-
 def download(
     location: Location,
     entries: list[FileEntry],
     store: Store,
     settings: FetchSettings | None = None,
     progress: ProgressFn | None = None,
-) -> Fetched:
-    """Fetch ``entries`` into blobs: each relative path's blob digest, and the version proof.
+) -> dict[str, str]:
+    """Fetch ``entries`` into blobs; return each relative path's blob digest.
 
     On any failure every partial blob is removed and the first error is raised.
     """
@@ -395,7 +379,18 @@ def download(
         if errors:
             raise errors[0]  # type: ignore[misc]
         raise RuntimeError("download aborted")
-    return Fetched(run.digests, versions_proven=not run.unproven)
+    return run.digests
+
+
+def _replaced(location: Location, entry: FileEntry, etag: str | None) -> RemoteChangedError:
+    url = f"{location.url}/{entry.path}"
+    return RemoteChangedError(
+        f"{url} changed while it was being downloaded: it answered with ETag {etag} where "
+        f"its listing said {entry.fingerprint}; nothing of it is kept; load the model again "
+        "once the upload has finished",
+        url=url,
+        path=entry.path,
+    )
 
 
 def _endpoint(location: Location) -> str:

@@ -297,12 +297,12 @@ def test_explicit_mode_loads_the_named_model_and_the_api_loads_the_others(
     assert answers(server, "add", [1.0] * 4)
     assert not server.model_ready("mul")
     assert listings_of(s3_rig, "models") == 1  # the launcher's one listing
-    # --load-model's LOAD was validated by it, and the miss lists nothing more:
-    # every GET carried the ETag listed, so nothing can have changed meanwhile.
-    assert listings_of(s3_rig, "models/add") == 0
+    # --load-model's LOAD was validated by it; the one listing of add is the check
+    # every miss makes after downloading, that nothing changed meanwhile.
+    assert listings_of(s3_rig, "models/add") == 1
     server.load("mul")  # the load API, after start-up: the agent lists it itself
     assert answers(server, "mul", [2.0] * 4)
-    assert listings_of(s3_rig, "models/mul") == 1  # its own listing, and only that
+    assert listings_of(s3_rig, "models/mul") == 2  # its listing, and the miss's check
     server.unload("add")
     deadline = time.monotonic() + 15
     while server.model_ready("add"):
@@ -310,7 +310,7 @@ def test_explicit_mode_loads_the_named_model_and_the_api_loads_the_others(
         time.sleep(0.05)
     server.load("add")  # a start's listing served its start-up LOAD only
     assert answers(server, "add", [1.0] * 4)
-    assert listings_of(s3_rig, "models/add") == 1
+    assert listings_of(s3_rig, "models/add") == 2
     assert listings_of(s3_rig, "models") == 1
 
 

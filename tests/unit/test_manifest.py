@@ -3,7 +3,7 @@ import base64
 import pytest
 
 from cacheagent.errors import UnsafePathError
-from cacheagent.remote.manifest import build_manifest, is_listed_version, validate_relpath
+from cacheagent.remote.manifest import build_manifest, contradicts_listing, validate_relpath
 
 MD5 = "9e107d9d372bb6826bd81d3542a419d6"
 
@@ -115,27 +115,28 @@ def test_directory_markers_become_empty_dirs_only_when_nothing_is_below():
     assert latest.empty_dirs == ("3",)
 
 
-def test_an_answers_etag_proves_the_listed_s3_version_only_when_it_is_the_listed_etag():
+def test_an_answers_etag_contradicts_the_listed_s3_version_only_when_it_is_another_tag():
     multipart = '"abcdef0123456789abcdef0123456789-3"'
     listing = {"b/m/a": s3_info(1, f'"{MD5}"'), "b/m/b": s3_info(2, multipart)}
     by_path = build_manifest("s3://b/m", "b/m", listing).by_path()
     single, multi = by_path["a"], by_path["b"]
     # The header's quotes and a hex digest's case are syntax, not the tag.
-    assert is_listed_version(single, f'"{MD5}"')
-    assert is_listed_version(single, MD5.upper())
-    assert is_listed_version(multi, multipart)
-    assert is_listed_version(multi, multipart.strip('"'))
-    # Another tag, no tag, or a tag of another file: no proof.
-    assert not is_listed_version(single, '"0123456789abcdef0123456789abcdef"')
-    assert not is_listed_version(single, None)
-    assert not is_listed_version(single, "")
-    assert not is_listed_version(single, multipart)
-    assert not is_listed_version(multi, f'"{MD5}"')
+    assert not contradicts_listing(single, f'"{MD5}"')
+    assert not contradicts_listing(single, MD5.upper())
+    assert not contradicts_listing(multi, multipart)
+    assert not contradicts_listing(multi, multipart.strip('"').upper())
+    # No tag proves nothing: the listing after the download decides.
+    assert not contradicts_listing(single, None)
+    assert not contradicts_listing(single, "")
+    # Another tag is another version.
+    assert contradicts_listing(single, '"0123456789abcdef0123456789abcdef"')
+    assert contradicts_listing(single, multipart)
+    assert contradicts_listing(multi, f'"{MD5}"')
 
 
-def test_fingerprints_that_are_no_etag_are_never_proven_by_one():
+def test_fingerprints_that_are_no_etag_are_never_contradicted_by_one():
     gcs = {"b/m/a": {"name": "b/m/a", "size": 1, "generation": "17", "etag": "CLE="}}
     entry = build_manifest("gs://b/m", "b/m", gcs).by_path()["a"]
     assert entry.fingerprint == "generation:17"
-    assert not is_listed_version(entry, "CLE=")
-    assert not is_listed_version(entry, "17")
+    assert not contradicts_listing(entry, "CLE=")
+    assert not contradicts_listing(entry, "other")
