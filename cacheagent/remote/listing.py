@@ -337,26 +337,6 @@ class WholeObject:
         self._stream.close()
 
 
-def read_part(
-    location: Location,
-    relpath: str,
-    start: int,
-    end: int,
-    size: int | None,
-    timeout: float = DEFAULT_TIMEOUT,
-) -> bytes | WholeObject:
-    """Bytes [start, end) of the ``size``-byte file ``relpath`` below ``location``.
-
-    ``size`` is the file's size as listed (None if unknown: then it is not checked).
-
-    A server that ignores Range answers with the whole object: that answer is
-    returned as a :class:`WholeObject` to stream from byte 0 (the caller closes
-    it), instead of being read, whole, once per part. An object that is gone
-    or has another size than listed raises :class:`RemoteChangedError`.
-    """
-    return read_tagged_part(location, relpath, start, end, size, timeout)[0]
-
-
 def read_tagged_part(
     location: Location,
     relpath: str,
@@ -365,10 +345,17 @@ def read_tagged_part(
     size: int | None,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> tuple[bytes | WholeObject, str | None]:
-    """:func:`read_part`, and the ETag its answer carried (None when unseen: the SDKs hide it).
+    """Bytes [start, end) of the ``size``-byte file ``relpath`` below ``location``, and
+    the ETag the answer carried (None when unseen: the SDKs hide it).
 
-    With the ETag a download can tell that every byte it got is of the version
-    it listed (:func:`cacheagent.remote.manifest.is_listed_version`).
+    ``size`` is the file's size as listed (None if unknown: then it is not checked).
+    With the ETag a download refuses a part of another version than it listed
+    (:func:`cacheagent.remote.manifest.contradicts_listing`).
+
+    A server that ignores Range answers with the whole object: that answer is
+    returned as a :class:`WholeObject` to stream from byte 0 (the caller closes
+    it), instead of being read, whole, once per part. An object that is gone
+    or has another size than listed raises :class:`RemoteChangedError`.
     """
     what = f"read {relpath}"
 
@@ -407,7 +394,7 @@ def read_range(
     S3 locations with static credentials use the fast client (no SDK import)
     unless their listing needed the SDK; anything else uses the location's SDK.
     """
-    got = read_part(location, relpath, start, end, None, timeout)
+    got = read_tagged_part(location, relpath, start, end, None, timeout)[0]
     if not isinstance(got, WholeObject):
         return got
     try:
