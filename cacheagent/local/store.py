@@ -246,10 +246,8 @@ class Store:
         taken, a full disk) stays where it is, still counted and collected there.
         """
         moved, stuck = 0, False
-        for shard in self._old_shards():
-            for entry in _scandir(Path(shard.path)):
-                if not (_DIGEST.fullmatch(entry.name) and entry.is_file(follow_symlinks=False)):
-                    continue
+        for shard in _old_shards(_scandir(self.blobs_dir)):
+            for entry in _blob_entries(_scandir(Path(shard.path))):
                 try:
                     os.link(entry.path, self.blobs_dir / entry.name, follow_symlinks=False)
                     os.unlink(entry.path)
@@ -268,14 +266,6 @@ class Store:
                 flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
                 os.close(os.open(self.blobs_dir / FLAT_MARK, flags, 0o600))
         return moved
-
-    def _old_shards(self) -> list[os.DirEntry[str]]:
-        # Real directories only: a planted symlink is never followed.
-        return [
-            e
-            for e in _scandir(self.blobs_dir)
-            if _SHARD.fullmatch(e.name) and e.is_dir(follow_symlinks=False)
-        ]
 
     def has_blob(self, digest: str, size: int | None = None) -> bool:
         """True if the blob exists as a regular file (and has ``size`` bytes, when given)."""
@@ -370,13 +360,10 @@ class Store:
     def blob_files(self) -> Iterator[tuple[str, Path, os.stat_result]]:
         """Every blob as (digest, path, stat): those in ``blobs/``, and any left in an
         old shard (a cache still written by an older version)."""
-        for entry in _scandir(self.blobs_dir):
-            if _DIGEST.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+        top = _scandir(self.blobs_dir)  # once: it may hold every blob of the cache
+        for entries in (top, *(_scandir(Path(s.path)) for s in _old_shards(top))):
+            for entry in _blob_entries(entries):
                 yield entry.name, Path(entry.path), entry.stat(follow_symlinks=False)
-        for shard in self._old_shards():
-            for entry in _scandir(Path(shard.path)):
-                if _DIGEST.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
-                    yield entry.name, Path(entry.path), entry.stat(follow_symlinks=False)
 
     def blob_bytes(self) -> int:
         """Bytes held in blobs: the cache's real disk use, since snapshots are hardlinks."""
@@ -602,6 +589,19 @@ def _ensure_real_dir(path: Path) -> None:
         pass
     with contextlib.suppress(FileExistsError):
         path.mkdir(mode=DIR_MODE)
+
+
+def _blob_entries(entries: list[os.DirEntry[str]]) -> list[os.DirEntry[str]]:
+    """The entries named like a blob that are regular files (never a planted symlink)."""
+    return [e for e in entries if _DIGEST.fullmatch(e.name) and e.is_file(follow_symlinks=False)]
+
+
+def _old_shards(entries: list[os.DirEntry[str]]) -> list[os.DirEntry[str]]:
+    """The shard directories of the layout before 0.2 among ``blobs/``'s entries.
+
+    Real directories only: a planted symlink is never followed.
+    """
+    return [e for e in entries if _SHARD.fullmatch(e.name) and e.is_dir(follow_symlinks=False)]
 
 
 def _scandir(path: Path) -> list[os.DirEntry[str]]:
