@@ -343,15 +343,18 @@ class Cache:
     def _snapshot_intact(self, record: SnapshotRecord, verify: str) -> bool:
         if verify == "none":
             return True
-        base = self.store.snapshot_path(record.key)
+        # Strings, not Paths: a hit checks every file, and a pathlib join costs more
+        # than the lstat it is for (300 files: about 3 ms of a warm LOAD).
+        base = str(self.store.snapshot_path(record.key))
         for relpath, size, _fp, _md5, digest in record.files:
+            path = os.path.join(base, relpath)
             try:
-                info = (base / relpath).lstat()
+                info = os.lstat(path)
             except FileNotFoundError:
                 return False
             if not _is_regular(info.st_mode) or info.st_size != size:
                 return False
-            if verify == "hash" and self.store.hash_file(base / relpath) != digest:
+            if verify == "hash" and self.store.hash_file(Path(path)) != digest:
                 return False
         return True
 

@@ -807,6 +807,20 @@ class StorageRig:
             out.append(rec)
         return out
 
+    def listing_records(self) -> list[ProxyRecord]:
+        """Proxied listing requests of the rig's bucket (every page of every listing)."""
+        return [rec for rec in self.proxy.records() if self._is_listing(rec)]
+
+    def _is_listing(self, record: ProxyRecord) -> bool:
+        query = dict(parse_qsl(record.query, keep_blank_values=True))
+        if record.method != "GET":
+            return False
+        if self.cloud == "s3":
+            return record.path.rstrip("/") == f"/{self.bucket}" and "list-type" in query
+        if self.cloud == "gs":
+            return record.path == f"/storage/v1/b/{self.bucket}/o"
+        return record.path == f"/{AZURITE_ACCOUNT}/{self.bucket}" and query.get("comp") == "list"
+
     def object_gets(self, prefix: str = "", *, ok_only: bool = True) -> int:
         """Number of proxied GETs that read object contents under key ``prefix``."""
         return len(self.content_records(prefix, ok_only=ok_only))

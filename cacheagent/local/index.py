@@ -200,6 +200,10 @@ class Index:
             self._migrate_tables(db)
         return db
 
+    def open(self) -> None:
+        """Open the database now, for this and later threads (else the first use opens it)."""
+        self._db  # noqa: B018  (the property opens it)
+
     def close(self) -> None:
         """Close the database connection (of the calling thread; others close with it)."""
         with self._open_lock:

@@ -22,7 +22,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -96,9 +96,29 @@ def preload() -> None:
     broken import is the LOAD's to report.
     """
     try:
-        import cacheagent.cache  # noqa: F401
+        import cacheagent.cache
+        import cacheagent.triton.prefetch  # noqa: F401  (each LOAD asks for the prefetcher)
     except Exception as exc:  # the LOAD that needs it raises it properly
         logging.getLogger(__name__).debug("preloading the cache failed: %s", exc)
+
+
+def open_cache(env: Mapping[str, str]) -> None:
+    """Open the cache ``env`` names (``$CACHEAGENT_CACHE_DIR``), its index included.
+
+    The first worker of ``cacheagent run`` runs this on a thread as soon as it has
+    Triton's environment: the first LOAD, which ``cacheagent run`` points at that
+    cache, then finds the index open (an SQLite open with its pragmas and schema
+    check) instead of opening it while Triton waits. Never raises: what fails here
+    fails again in the LOAD, which reports it.
+    """
+    try:
+        from cacheagent.settings import default_cache_dir
+
+        cache_for(default_cache_dir(env)).index.open()
+    except Exception as exc:
+        logging.getLogger(__name__).debug(
+            "opening the cache ahead of the first LOAD failed: %s", exc
+        )
 
 
 @functools.cache

@@ -336,11 +336,22 @@ def main(handler: Handler | None = None) -> int:
     in_fd, out_fd = _take_stdio()
     threading.Thread(target=_watchdog_loop, args=(parent,), name="watchdog", daemon=True).start()
     if ENV_FIRST in sys.argv[1:]:  # started early by cacheagent run (triton.prestart)
+        real = handler is None
         if handler is None:
             handler = _actions_handler()  # while the launcher prepares
         if not take_environment(in_fd):
             return 0
+        if real:
+            _open_cache_soon()
     return serve(in_fd, out_fd, handler)
+
+
+def _open_cache_soon() -> None:
+    """Open the cache ``cacheagent run`` named on a thread, while Triton reaches its first LOAD."""
+    from cacheagent.triton import actions
+
+    env = dict(os.environ)
+    threading.Thread(target=actions.open_cache, args=(env,), name="open-cache", daemon=True).start()
 
 
 def run() -> None:

@@ -10,6 +10,7 @@ import os
 import select
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -145,3 +146,37 @@ def test_the_environment_line_replaces_the_whole_environment() -> None:
         [sys.executable, "-c", code], input="", capture_output=True, text=True, timeout=60
     )
     assert eof.stdout.split()[0] == "False"
+
+
+def test_the_worker_opens_the_launchers_cache_before_its_first_load(tmp_path: Path) -> None:
+    """Its index is open (here: created, the cache being new) with no LOAD sent."""
+    cache_dir = tmp_path / "cache"
+    early = start_early(CLOUD_RUN)
+    assert early is not None
+    try:
+        env = {"PATH": os.environ["PATH"], "CACHEAGENT_CACHE_DIR": str(cache_dir)}
+        to_worker, from_worker = early.hand_over(env)
+        assert read_line(from_worker).startswith("READY ")
+        database = cache_dir / "index" / "cache.db"
+        deadline = time.monotonic() + 30
+        while not database.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert database.exists()
+        os.close(to_worker)
+        assert early.process.wait(30) == 0
+        os.close(from_worker)
+    finally:
+        early.discard()
+        if early.process.poll() is None:
+            early.process.kill()
+            early.process.wait()
+
+
+def test_opening_the_cache_early_never_raises(tmp_path: Path) -> None:
+    from cacheagent.triton import actions
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    actions.open_cache({"CACHEAGENT_CACHE_DIR": str(blocker / "cache")})  # cannot be made
+    actions.open_cache({"CACHEAGENT_CACHE_DIR": str(tmp_path / "cache")})
+    assert actions.cache_for(tmp_path / "cache").index._db_handle is not None
