@@ -5,12 +5,14 @@ Real worker processes on real pipes: what the shim would read is read here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,6 +37,20 @@ def read_line(fd: int, timeout: float = 30.0) -> str:
     return data.decode().rstrip("\n")
 
 
+@contextlib.contextmanager
+def early_worker() -> Iterator[EarlyWorker]:
+    """A worker started as 'cacheagent run' starts its first one; killed if still running."""
+    early = start_early(CLOUD_RUN)
+    assert isinstance(early, EarlyWorker)
+    try:
+        yield early
+    finally:
+        early.discard()
+        if early.process.poll() is None:
+            early.process.kill()
+            early.process.wait()
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -49,9 +65,7 @@ def test_no_worker_is_started_when_the_launcher_would_not_use_it(argv: list[str]
 
 
 def test_the_worker_takes_the_launchers_environment_before_it_says_ready(tmp_path: Path) -> None:
-    early = start_early(CLOUD_RUN)
-    assert isinstance(early, EarlyWorker)
-    try:
+    with early_worker() as early:
         # It waits, silent, until it has its environment: READY means "ready for Triton".
         ready, _, _ = select.select([early._from_worker], [], [], 0.5)
         assert not ready
@@ -82,11 +96,6 @@ def test_the_worker_takes_the_launchers_environment_before_it_says_ready(tmp_pat
         os.close(to_worker)  # EOF: the worker ends, as when Triton exits
         assert early.process.wait(30) == 0
         os.close(from_worker)
-    finally:
-        early.discard()
-        if early.process.poll() is None:
-            early.process.kill()
-            early.process.wait()
 
 
 def test_a_discarded_worker_exits_without_a_word() -> None:
@@ -151,9 +160,7 @@ def test_the_environment_line_replaces_the_whole_environment() -> None:
 def test_the_worker_opens_the_launchers_cache_before_its_first_load(tmp_path: Path) -> None:
     """Its index is open (here: created, the cache being new) with no LOAD sent."""
     cache_dir = tmp_path / "cache"
-    early = start_early(CLOUD_RUN)
-    assert early is not None
-    try:
+    with early_worker() as early:
         env = {"PATH": os.environ["PATH"], "CACHEAGENT_CACHE_DIR": str(cache_dir)}
         to_worker, from_worker = early.hand_over(env)
         assert read_line(from_worker).startswith("READY ")
@@ -165,11 +172,6 @@ def test_the_worker_opens_the_launchers_cache_before_its_first_load(tmp_path: Pa
         os.close(to_worker)
         assert early.process.wait(30) == 0
         os.close(from_worker)
-    finally:
-        early.discard()
-        if early.process.poll() is None:
-            early.process.kill()
-            early.process.wait()
 
 
 def test_opening_the_cache_early_never_raises(tmp_path: Path) -> None:
