@@ -23,6 +23,7 @@ import pytest
 
 from cacheagent.tier import open_backend
 from cacheagent.tier.backend import Backend
+from cacheagent.tier.errors import TierTimeoutError
 from harness.emulators import StorageRig
 from harness.seaweed import SeaweedS3
 from harness.wait import wait_for
@@ -367,19 +368,41 @@ def test_backends_elect_exactly_one_creator(backend: Backend) -> None:
     for key in range(5):
         barrier = threading.Barrier(6)
         wins: list[int] = []
+        unanswered: list[int] = []
         threads = [
-            threading.Thread(target=race, args=(backend, barrier, f"claims/race/{key}", i, wins))
+            threading.Thread(
+                target=race, args=(backend, barrier, f"claims/race/{key}", i, wins, unanswered)
+            )
             for i in range(6)
         ]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join(60)
-        assert len(wins) == 1, wins
-        assert backend.get(f"claims/race/{key}") == str(wins[0]).encode()
+        stored = int(backend.get(f"claims/race/{key}") or b"-1")
+        if not unanswered:
+            assert wins == [stored], (wins, stored)
+        else:
+            # A claim whose answer never came (a storage server starved of CPU on a
+            # busy machine) may be the one that won: never two winners, and whoever
+            # wrote the claim is the winner or one of those.
+            expected = wins if wins else unanswered
+            assert len(wins) <= 1 and stored in expected, (wins, unanswered, stored)
 
 
-def race(backend: Backend, barrier: threading.Barrier, key: str, i: int, wins: list[int]) -> None:
+def race(
+    backend: Backend,
+    barrier: threading.Barrier,
+    key: str,
+    i: int,
+    wins: list[int],
+    unanswered: list[int],
+) -> None:
     barrier.wait()
-    if backend.create(key, str(i).encode()):
+    try:
+        won = backend.create(key, str(i).encode())
+    except TierTimeoutError:
+        unanswered.append(i)
+        return
+    if won:
         wins.append(i)
