@@ -343,6 +343,71 @@ def log_phases(log_text: str, began: float) -> LogPhases:
     return LogPhases(first, loading)
 
 
+@dataclass(frozen=True)
+class CpuSample:
+    """Cumulative CPU seconds at one moment: the whole machine's, and the rig's own.
+
+    Two samples bracket a start (:func:`cpu_spent`): on a machine of a few cores
+    the origin and the link-shaping proxy run beside Triton and the client, so a
+    start whose cores were busy throughout waited for CPU, not for the link.
+    """
+
+    busy_s: float  # every core's user + system + interrupt time (/proc/stat)
+    steal_s: float  # time the hypervisor gave this VM's cores to someone else
+    rig_s: float  # the origin's process and this one (the proxy's threads live here)
+
+
+@dataclass(frozen=True)
+class CpuSpent:
+    """CPU seconds between two :class:`CpuSample`\\ s (NaN where /proc could not tell)."""
+
+    busy_s: float
+    steal_s: float
+    rig_s: float
+
+
+NO_CPU = CpuSpent(float("nan"), float("nan"), float("nan"))
+
+
+def cpu_sample(origin_pid: int | None) -> CpuSample:
+    """The machine's and the rig's CPU seconds so far (NaN fields off Linux).
+
+    ``origin_pid`` None: no origin process to count (the rig is this process alone);
+    a pid that cannot be read makes the rig's figure NaN, never an undercount.
+    """
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    busy = steal = float("nan")
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/proc/stat", encoding="ascii") as handle:
+            fields = [int(x) for x in handle.readline().split()[1:]]
+        # user nice system idle iowait irq softirq steal ...; guest time is within user
+        busy = (fields[0] + fields[1] + fields[2] + fields[5] + fields[6]) / tick
+        steal = fields[7] / tick
+    own = os.times()
+    rig = own.user + own.system + _process_cpu_s(origin_pid, tick)
+    return CpuSample(busy, steal, rig)
+
+
+def _process_cpu_s(pid: int | None, tick: int) -> float:
+    """User + system seconds of process ``pid`` and its reaped children (NaN if unreadable)."""
+    if pid is None:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
+            # The command name may hold spaces: the fields that follow start after ')'.
+            after = handle.read().rsplit(")", 1)[1].split()
+        return sum(int(x) for x in after[11:15]) / tick  # utime stime cutime cstime
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+def cpu_spent(before: CpuSample, after: CpuSample) -> CpuSpent:
+    """What was spent between two samples."""
+    return CpuSpent(
+        after.busy_s - before.busy_s, after.steal_s - before.steal_s, after.rig_s - before.rig_s
+    )
+
+
 @dataclass
 class TritonRun:
     """One Triton start: seconds to READY and the storage traffic it caused."""

@@ -89,6 +89,7 @@ from .common import (
     WEIGHTS,
     AgentLoad,
     Case,
+    CpuSample,
     GiB,
     LogPhases,
     MiB,
@@ -96,6 +97,8 @@ from .common import (
     Traffic,
     X,
     cacheagent_warm,
+    cpu_sample,
+    cpu_spent,
     fmt_bytes,
     force_rmtree,
     free_disk,
@@ -111,6 +114,7 @@ from .common import (
 
 NAN = float("nan")
 NO_PHASES = LogPhases(NAN, NAN)
+MIN_CPU_WINDOW_S = 0.05  # shorter spans before the first load get no CPU figures
 MB = 1e6
 KiB_32 = 32 * 1024
 LAUNCHER_MODULE = "cacheagent.triton.launcher"
@@ -448,6 +452,14 @@ class Start:
     triton_up_s: float = NAN
     loading_s: float = NAN
     loads: list[dict[str, Any]] = field(default_factory=list)
+    # CPU seconds from the start's beginning to its first model load, where the
+    # columns differ (bench.common.cpu_spent): every core's, the hypervisor's steal,
+    # and the rig's own (origin + proxy), over ``cpu_window_s`` seconds (the sample
+    # nearest the first load; the samples are about 20 ms apart).
+    cpu_window_s: float = NAN
+    cpu_busy_s: float = NAN
+    cpu_steal_s: float = NAN
+    rig_cpu_s: float = NAN
     via: str = ""
     copied: int = 0  # files s5cmd copied
     skipped: bool = False  # native over budget: not run
@@ -523,6 +535,12 @@ class Bench:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.triton_tmp = work / "triton-tmp"
         self._seq = 0
+        # (monotonic time, CPU so far) at a start's beginning and at each readiness poll
+        self._cpu_trace: list[tuple[float, CpuSample]] = []
+
+    def cpu_now(self) -> CpuSample:
+        """The machine's and the rig's CPU seconds so far."""
+        return cpu_sample(self.rig.emulator.pid)
 
     # ------------------------------------------------------------ environment
     def _env(self, cache: Path | None) -> dict[str, str]:
@@ -577,6 +595,7 @@ class Bench:
             server.start()
             next_log_check = started + 0.5
             while True:
+                self._cpu_trace.append((time.monotonic(), self.cpu_now()))
                 if _ready(server.url):
                     seconds = time.monotonic() - started
                     break
@@ -651,6 +670,7 @@ class Bench:
         start = Start(column, rep)
         self.rig.proxy.reset()
         began = time.monotonic()
+        self._cpu_trace = [(began, self.cpu_now())]
         models = staged.models
         if column == "native":
             predicted = native_prediction(staged.bytes, staged.files, link)
@@ -711,7 +731,21 @@ class Bench:
         start.error = err
         start.loads = [asdict(load) for load in loads]
         self._traffic(start, began)
+        self._cpu_before_first_load(start, began)
         return start
+
+    def _cpu_before_first_load(self, start: Start, began: float) -> None:
+        """CPU spent from ``began`` to the trace's sample nearest the first model load."""
+        if start.loading_s != start.loading_s or len(self._cpu_trace) < 2:
+            return
+        at = began + start.loading_s
+        when, sample = min(self._cpu_trace[1:], key=lambda point: abs(point[0] - at))
+        if when - began < MIN_CPU_WINDOW_S:
+            return  # too short to say anything (a local start loads within ~15 ms)
+        spent = cpu_spent(self._cpu_trace[0][1], sample)
+        start.cpu_window_s = when - began
+        start.cpu_busy_s, start.cpu_steal_s = spent.busy_s, spent.steal_s
+        start.rig_cpu_s = spent.rig_s
 
     def _traffic(self, start: Start, began: float) -> None:
         records = self.rig.proxy.records()
@@ -789,7 +823,8 @@ def _log_start(case: str, link: str, rep: int, reps: int, start: Start) -> None:
     log(
         f"{case} {link} rep {rep + 1}/{reps} {start.column:10}: {start.seconds:.2f} s{pre}, "
         f"{start.requests} requests, {fmt_bytes(start.content_bytes)}, "
-        f"peak {start.peak_in_flight} in flight{agent}"
+        f"peak {start.peak_in_flight} in flight{agent}, "
+        f"{start.cpu_busy_s / start.cpu_window_s:.2f} cores busy before the first load"
         + (f" ERROR {start.error}" if start.error else "")
     )
 
@@ -1059,7 +1094,12 @@ def render(results: Mapping[str, Any]) -> str:
             "*peak in flight*: most requests open at once at the proxy "
             "(from its records' start and end times); *mean GETs*: object GETs in flight on "
             "average between first GET and last byte; *agent LOADs*: count, sum and longest "
-            "of the agent's `cacheagent: model ... in X s` lines.",
+            "of the agent's `cacheagent: model ... in X s` lines; *cores busy*: the "
+            "machine's CPU seconds from the start's beginning to its first load (where the "
+            "columns differ) over those seconds, out of its "
+            f"{meta.get('cpus') or '?'} (/proc/stat: everything on it, the rig included; "
+            "*steal*, in cores too, is time the hypervisor took); *rig CPU s*: what the origin "
+            "and the link-shaping proxy (the benchmark's own process) used of it.",
             "",
         ]
         rows = []
@@ -1092,6 +1132,9 @@ def render(results: Mapping[str, Any]) -> str:
                     "peak in flight",
                     "mean GETs",
                     "agent LOADs",
+                    "cores busy",
+                    "steal",
+                    "rig CPU s",
                 ],
                 rows,
             )
@@ -1122,7 +1165,7 @@ def describe(link: Mapping[str, Any]) -> str:
 def _breakdown(runs: Sequence[Mapping[str, Any]]) -> list[str]:
     ok = _ok(runs)
     if not ok:
-        return ["n/a"] * 13
+        return ["n/a"] * 16
     loads = [r["loads"] for r in ok]
     n_loads = statistics.median(len(x) for x in loads)
     load_sum = statistics.median(sum(float(x["seconds"]) for x in ls) for ls in loads)
@@ -1157,7 +1200,21 @@ def _breakdown(runs: Sequence[Mapping[str, Any]]) -> list[str]:
         cell("peak_in_flight", 0),
         cell("mean_gets_in_flight", 1),
         agent,
+        _per_second(ok, "cpu_busy_s"),
+        _per_second(ok, "cpu_steal_s"),
+        cell("rig_cpu_s", 2),
     ]
+
+
+def _per_second(runs: Sequence[Mapping[str, Any]], key: str) -> str:
+    """Median over ``runs`` of ``key`` (CPU seconds) per second of its window: cores busy."""
+    vals = [
+        float(r[key]) / float(r["cpu_window_s"])
+        for r in runs
+        if r.get(key) is not None and float(r.get("cpu_window_s", NAN)) > 0
+    ]
+    vals = [v for v in vals if v == v]
+    return f"{statistics.median(vals):.2f}" if vals else "-"
 
 
 def _render_clouds(clouds: Mapping[str, Any]) -> list[str]:
@@ -1404,6 +1461,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "runtime_s": time.monotonic() - started,
         "code": _code_version(),
+        "cpus": os.cpu_count(),
         "machine": f"{os.cpu_count()} CPUs, {platform.system()} {platform.release()}, "
         f"Python {platform.python_version()}, Triton 2.51 (nvidia-pytriton)",
         "via": via,

@@ -222,6 +222,11 @@ class Emulator(ABC):
         return self._proc is not None and self._proc.poll() is None
 
     @property
+    def pid(self) -> int | None:
+        """The emulator process's id while it runs (for CPU accounting), else None."""
+        return self._proc.pid if self.running and self._proc is not None else None
+
+    @property
     def workdir(self) -> Path:
         """Private temp directory holding the log (and data, for on-disk emulators)."""
         if self._workdir is None:

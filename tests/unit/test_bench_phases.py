@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import os
+import subprocess
+import sys
+import time
 
-from bench.common import log_phases
+import pytest
+
+from bench.common import cpu_sample, cpu_spent, log_phases
 
 # The lines of a real launcher start's log (Triton 2.51, glog format; the launcher's
 # own line has no glog prefix and must be skipped).
@@ -50,3 +56,45 @@ def test_a_start_just_before_new_year_reads_lines_of_the_next_year() -> None:
     text = 'I0101 00:00:00.020000 1 model_lifecycle.cc:472] "loading: m:1"\n'
     phases = log_phases(text, _local("2026-12-31 23:59:59.990000"))
     assert math.isclose(phases.loading_s, 0.030, abs_tol=1e-6)
+
+
+def _burn(seconds: float) -> None:
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="reads /proc")
+def test_cpu_spent_counts_this_process_as_rig_and_the_machine_as_busy() -> None:
+    before = cpu_sample(None)
+    _burn(0.3)
+    spent = cpu_spent(before, cpu_sample(None))
+    # This process is where the proxy's threads run: its CPU is the rig's.
+    assert spent.rig_s >= 0.25
+    assert spent.busy_s >= 0.25  # the machine saw it too (and whatever else ran)
+    assert spent.steal_s >= 0.0
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="reads /proc")
+def test_the_origins_cpu_is_read_from_its_process() -> None:
+    burner = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time\nend = time.process_time() + 0.4\n"
+            "while time.process_time() < end: pass\ntime.sleep(30)",
+        ]
+    )
+    try:
+        deadline = time.monotonic() + 20
+        seen = 0.0
+        while time.monotonic() < deadline:
+            seen = cpu_sample(burner.pid).rig_s - cpu_sample(None).rig_s
+            if seen >= 0.35:
+                break
+            time.sleep(0.05)
+        assert seen >= 0.35
+    finally:
+        burner.kill()
+        burner.wait()
+    assert math.isnan(cpu_sample(burner.pid).rig_s)  # gone: unknown, not zero
