@@ -1153,7 +1153,8 @@ def render(results: Mapping[str, Any]) -> str:
     ]
     if failed:
         lines += ["", "## Failed starts", "", *failed]
-    lines += ["", f"Raw data: `{meta['json']}`; chart: `{meta['png']}`.", ""]
+    chart = f"chart: `{meta['png']}`" if meta.get("png") else "no chart (matplotlib missing)"
+    lines += ["", f"Raw data: `{meta['json']}`; {chart}.", ""]
     return "\n".join(lines)
 
 
@@ -1415,9 +1416,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.render:
         saved = json.loads(args.render.read_text())
+        png = args.render.with_suffix(".png")
+        saved["meta"]["png"] = png.name if _chart(saved, png) else None
         md = render(saved)
         args.render.with_suffix(".md").write_text(md)
-        plot(saved, args.render.with_suffix(".png"))
         print(md)
         return 0
     # A plain SIGTERM (timeout, kill) would skip every finally: SeaweedFS, Triton and
@@ -1481,14 +1483,26 @@ def main(argv: list[str] | None = None) -> int:
         "png": str(base.with_suffix(".png").name),
     }
     args.out.mkdir(parents=True, exist_ok=True)
+    if not _chart(results, base.with_suffix(".png")):
+        results["meta"]["png"] = None
     base.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str))
     md = render(results)
     base.with_suffix(".md").write_text(md)
-    if not plot(results, base.with_suffix(".png")):
-        log("matplotlib unavailable or no cases: no PNG (pip install -e '.[bench]')")
     print(md)
-    log(f"wrote {base}.md/.json/.png in {(time.monotonic() - started) / 60:.1f} min")
+    written = "md/.json/.png" if results["meta"]["png"] else "md/.json (no chart)"
+    log(f"wrote {base}.{written} in {(time.monotonic() - started) / 60:.1f} min")
     return 0
+
+
+def _chart(results: Mapping[str, Any], path: Path) -> bool:
+    """Draw the chart to ``path``; False, said loudly, when it cannot be drawn."""
+    if plot(results, path):
+        return True
+    log(
+        f"matplotlib unavailable or no cases: no chart, and {path.name} is left as it was "
+        "(install it: pip install -e '.[bench]', which scripts/setup.sh does)"
+    )
+    return False
 
 
 def _sweep(

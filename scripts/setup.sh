@@ -10,7 +10,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 # The editable install compiles the Triton agent shim (cacheagent/_lib/*.so).
-.venv/bin/python -m pip install --quiet -e ".[test]"
+.venv/bin/python -m pip install --quiet -e ".[test,bench]"
 
 # Azurite (Azure Blob emulator) for the Azure integration tests.
 if [ ! -x node_modules/.bin/azurite-blob ]; then
