@@ -27,7 +27,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from cacheagent.tier.backend import Backend
 from cacheagent.tier.errors import TierAccessDeniedError, TierConfigError, TierUnavailableError
@@ -44,16 +44,28 @@ CLAIM_TTL_S = 5.0
 MAX_GENERATIONS = 16
 # How many nodes may fetch from the origin at once while the tier is slow.
 FALLBACK_SLOTS = 2
+# The longest a release waits for a heartbeat's write of the same claim to end (that
+# write is bounded by the backend's timeout and retries, well under this).
+RELEASE_WAIT_S = 60.0
 
 TierError = (TierUnavailableError, TierAccessDeniedError, TierConfigError)
 
 
 @dataclass
 class HeldClaim:
-    """A claim this process owns, kept alive by :class:`Heartbeats` until released."""
+    """A claim this process owns, kept alive by :class:`Heartbeats` until released.
+
+    ``lock`` orders a heartbeat's write against the release: a beat that read the
+    claim as held just before it was released must not write it again after the
+    release deleted it (a claim back from the dead, left behind), nor overwrite its
+    ``released`` mark (which tells followers to take over at once, instead of
+    waiting out :data:`CLAIM_TTL_S`).
+    """
 
     key: str
     record: ClaimRecord
+    released: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
 
 class Heartbeats:
@@ -83,7 +95,21 @@ class Heartbeats:
         else mark it released, so that followers take over at once. Best effort."""
         with self._lock:
             self._held.pop(held.key, None)
+        locked = held.lock.acquire(blocking=False)
+        if not locked:
+            # A heartbeat is writing this claim now: one tier operation, bounded by the
+            # backend's own timeout and retries, so this wait is a formality's bound.
+            _log.debug("releasing tier claim %s waits for its heartbeat's write", held.key)
+            locked = held.lock.acquire(timeout=RELEASE_WAIT_S)
+            if not locked:
+                _log.warning(
+                    "a heartbeat of tier claim %s has been writing for %.0f s; releasing "
+                    "it anyway (the claim may outlive this release and then expire)",
+                    held.key,
+                    RELEASE_WAIT_S,
+                )
         try:
+            held.released = True
             if done:
                 self.backend.delete(held.key)
                 for key in older:
@@ -94,6 +120,9 @@ class Heartbeats:
             _log.info(
                 "could not release the tier claim %s (%s); it expires by itself", held.key, exc
             )
+        finally:
+            if locked:
+                held.lock.release()
 
     def _run(self) -> None:
         while True:
@@ -104,16 +133,17 @@ class Heartbeats:
                 self._beat(held)
 
     def _beat(self, held: HeldClaim) -> None:
-        record = replace(held.record, beat=held.record.beat + 1, time=time.time())
-        try:
-            self.backend.put(held.key, record.to_json())
-        except TierError as exc:
-            # Followers may take over: the work is then done twice, never wrongly.
-            _log.debug("heartbeat of tier claim %s failed: %s", held.key, exc)
-            return
-        with self._lock:
-            if held.key in self._held:
-                held.record = record
+        with held.lock:
+            if held.released:  # released since this round began: leave it be
+                return
+            record = replace(held.record, beat=held.record.beat + 1, time=time.time())
+            try:
+                self.backend.put(held.key, record.to_json())
+            except TierError as exc:
+                # Followers may take over: the work is then done twice, never wrongly.
+                _log.debug("heartbeat of tier claim %s failed: %s", held.key, exc)
+                return
+            held.record = record
 
 
 class ClaimView:

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import threading
+import time
 import urllib.parse
 from pathlib import Path
 from typing import Any
@@ -158,6 +159,47 @@ def test_a_released_claim_is_taken_over_at_once(tmp_path: Path) -> None:
     backend.create(claim_key("b" * 64, 0), ClaimRecord("x", 0, MiB, 1, 0.0, True).to_json())
     view.refresh()
     assert view.stale()
+
+
+class _HeldWrites(DirectoryBackend):
+    """A directory tier whose claim rewrites (heartbeats) wait at a gate while ``hold`` is
+    set: the one interleaving a test cannot produce by timing alone."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.hold = threading.Event()
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def put(self, key: str, data: bytes) -> None:
+        if self.hold.is_set() and threading.current_thread().name == "cacheagent-tier-heartbeat":
+            self.entered.set()
+            self.gate.wait(10)
+        super().put(key, data)
+
+
+@pytest.mark.parametrize("done", [True, False], ids=["finished", "failed"])
+def test_a_heartbeat_in_flight_never_undoes_the_release(tmp_path: Path, done: bool) -> None:
+    backend = _HeldWrites(tmp_path / "tier")
+    key = claim_key("c" * 64, 0)
+    record = ClaimRecord("leader", 0, MiB, 1, 0.0)
+    assert backend.create(key, record.to_json())
+    beats = claims_module.Heartbeats(backend, interval=0.01)
+    backend.hold.set()
+    held = beats.hold(key, record)
+    assert backend.entered.wait(10)  # a heartbeat is writing the claim now
+    releasing = threading.Thread(target=beats.release, args=(held,), kwargs={"done": done})
+    releasing.start()
+    releasing.join(0.3)  # the release has begun while that write is in flight
+    backend.gate.set()
+    releasing.join(10)
+    assert not releasing.is_alive()
+    time.sleep(0.1)  # further rounds of the heartbeat thread, if it still beat this claim
+    left = ClaimRecord.parse(backend.get(key))
+    if done:
+        assert left is None  # deleted, and not written back by the late heartbeat
+    else:
+        assert left is not None and left.released  # the mark stays for followers to see
 
 
 # ---- whole fetches: in-process nodes, a directory tier, a local origin ---------------------
