@@ -31,6 +31,7 @@ import numpy as np
 
 from cacheagent.triton.install import LAUNCHER_NAME, install_triton
 from harness.emulators import MotoS3, StorageRig
+from harness.localhost import stat_fields
 from harness.triton import MODEL_PY, TritonPaths, TritonServer, model_config, prepare_triton
 
 HERE = Path(__file__).resolve().parent
@@ -392,12 +393,12 @@ def _process_cpu_s(pid: int | None, tick: int) -> float:
     """User + system seconds of process ``pid`` and its reaped children (NaN if unreadable)."""
     if pid is None:
         return 0.0
+    fields = stat_fields(f"/proc/{pid}/stat")
+    if fields is None or len(fields) < 15:
+        return float("nan")
     try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
-            # The command name may hold spaces: the fields that follow start after ')'.
-            after = handle.read().rsplit(")", 1)[1].split()
-        return sum(int(x) for x in after[11:15]) / tick  # utime stime cutime cstime
-    except (OSError, ValueError, IndexError):
+        return sum(int(x) for x in fields[11:15]) / tick  # utime stime cutime cstime
+    except ValueError:
         return float("nan")
 
 

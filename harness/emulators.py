@@ -34,7 +34,6 @@ import platform
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -50,6 +49,7 @@ from types import TracebackType
 from typing import Any, ClassVar, Literal
 from urllib.parse import parse_qsl, unquote
 
+from .localhost import free_port
 from .proxy import CountingProxy, ProxyRecord
 
 __all__ = [
@@ -95,12 +95,6 @@ def azurite_connection_string(port: int, host: str = _LOOPBACK) -> str:
 
 class EmulatorError(RuntimeError):
     """An emulator could not be found or did not start."""
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((_LOOPBACK, 0))
-        return int(sock.getsockname()[1])
 
 
 def find_fake_gcs_server() -> Path:
@@ -261,7 +255,7 @@ class Emulator(ABC):
             attempts = 1 if (self._port_fixed or self._port is not None) else 3
             for attempt in range(attempts):
                 if self._port is None:
-                    self._port = _free_port()
+                    self._port = free_port()
                 try:
                     self._spawn_and_wait()
                 except EmulatorError:

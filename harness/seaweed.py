@@ -65,7 +65,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -75,6 +74,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from .emulators import Cloud, Emulator, EmulatorError
+from .localhost import free_ports, port_is_free
 
 __all__ = ["ACCESS_KEY", "REGION", "SECRET_KEY", "SeaweedS3", "find_weed"]
 
@@ -137,35 +137,12 @@ def _wheel_files(distribution: str, suffix: str) -> list[Path]:
     return [Path(os.path.normpath(f.locate())) for f in files if str(f).endswith(suffix)]
 
 
-def _free_ports(count: int) -> list[int]:
-    """``count`` distinct free loopback ports (all held open until all are picked)."""
-    socks: list[socket.socket] = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            socks.append(sock)
-            sock.bind((_LOOPBACK, 0))
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for sock in socks:
-            sock.close()
-
-
-def _port_is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind((_LOOPBACK, port))
-        except OSError:
-            return False
-        return True
-
-
 def _admin_port_pair(taken: set[int]) -> tuple[int, int]:
     """A free port P with P + 10000 free too (see ``_ADMIN_GRPC_OFFSET``)."""
     for _ in range(200):
-        (port,) = _free_ports(1)
+        (port,) = free_ports(1)
         grpc = port + _ADMIN_GRPC_OFFSET
-        if grpc <= 65535 and not {port, grpc} & taken and _port_is_free(grpc):
+        if grpc <= 65535 and not {port, grpc} & taken and port_is_free(grpc):
             return port, grpc
     raise EmulatorError("no free loopback port pair (P, P+10000) for the SeaweedFS admin server")
 
@@ -254,7 +231,7 @@ class SeaweedS3(Emulator):
             "s3.debug.port",
         ]
         taken = {self.port}
-        picked = [p for p in _free_ports(len(names) + 1) if p not in taken][: len(names)]
+        picked = [p for p in free_ports(len(names) + 1) if p not in taken][: len(names)]
         self._ports = dict(zip(names, picked, strict=True))
         taken.update(picked)
         admin, admin_grpc = _admin_port_pair(taken)

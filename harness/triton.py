@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -30,6 +29,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from cacheagent.sizes import format_size
+
+from .localhost import free_port, stat_fields
 
 WORKER_MARKER = "cacheagent.triton.worker"
 _SHM_REGION = re.compile(r"triton_python_backend_shm_region_[0-9A-Za-z-]+")
@@ -80,24 +81,15 @@ def prepare_triton() -> TritonPaths:
     return TritonPaths(root=root, binary=binary, backend_dir=backend_dir)
 
 
-def free_port() -> int:
-    """A TCP port that was free a moment ago on 127.0.0.1."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _proc_stat(pid: int) -> tuple[str, int] | None:
     """(state, ppid) of a process, or None if it is gone."""
     return _proc_stat_path(f"/proc/{pid}/stat")
 
 
 def _proc_stat_path(path: str) -> tuple[str, int] | None:
-    try:
-        text = Path(path).read_text()
-    except OSError:
+    fields = stat_fields(path)
+    if not fields or len(fields) < 2:
         return None
-    fields = text[text.rfind(")") + 2 :].split()  # the command name may hold spaces
     return fields[0], int(fields[1])
 
 

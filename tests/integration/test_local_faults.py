@@ -19,7 +19,6 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,6 +28,7 @@ from cacheagent.errors import CacheFullError
 from cacheagent.local.store import STAGING
 from harness.emulators import StorageRig
 from harness.wait import wait_for
+from tests.integration.disks import tmpfs
 
 pytestmark = pytest.mark.integration
 
@@ -58,20 +58,6 @@ def temp_entries(root: Path) -> list[str]:
         with contextlib.suppress(FileNotFoundError):
             entries += [str(directory / name) for name in os.listdir(directory)]
     return entries
-
-
-@contextlib.contextmanager
-def tmpfs(path: Path, options: str) -> Iterator[Path]:
-    path.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def fill_inodes(directory: Path) -> int:

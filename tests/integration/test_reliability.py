@@ -36,6 +36,7 @@ from cacheagent.remote.listing import list_manifest
 from cacheagent.remote.location import parse_location
 from harness.emulators import StorageRig
 from harness.wait import wait_for
+from tests.integration import disks
 
 pytestmark = pytest.mark.integration
 
@@ -688,19 +689,8 @@ def test_leased_snapshot_is_never_evicted(tmp_path, s3_rig):
 @pytest.fixture
 def tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A real 8 MiB tmpfs, so 'disk full' is the kernel's ENOSPC, not a mock."""
-    mount = tmp_path / "tmpfs"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(mount)],
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root/CAP_SYS_ADMIN): {done.stderr.strip()}")
-    try:
+    with disks.tmpfs(tmp_path / "tmpfs", "size=8m,mode=0700") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_model_larger_than_the_disk_fails_cleanly(tmpfs, s3_rig):
