@@ -346,28 +346,17 @@ def log_phases(log_text: str, began: float) -> LogPhases:
 
 @dataclass(frozen=True)
 class CpuSample:
-    """Cumulative CPU seconds at one moment: the whole machine's, and the rig's own.
+    """CPU seconds of the whole machine and of the rig: so far, or between two samples.
 
     Two samples bracket a start (:func:`cpu_spent`): on a machine of a few cores
     the origin and the link-shaping proxy run beside Triton and the client, so a
-    start whose cores were busy throughout waited for CPU, not for the link.
+    start whose cores were busy throughout waited for CPU, not for the link. NaN
+    where /proc could not tell.
     """
 
     busy_s: float  # every core's user + system + interrupt time (/proc/stat)
     steal_s: float  # time the hypervisor gave this VM's cores to someone else
     rig_s: float  # the origin's process and this one (the proxy's threads live here)
-
-
-@dataclass(frozen=True)
-class CpuSpent:
-    """CPU seconds between two :class:`CpuSample`\\ s (NaN where /proc could not tell)."""
-
-    busy_s: float
-    steal_s: float
-    rig_s: float
-
-
-NO_CPU = CpuSpent(float("nan"), float("nan"), float("nan"))
 
 
 def cpu_sample(origin_pid: int | None) -> CpuSample:
@@ -402,9 +391,9 @@ def _process_cpu_s(pid: int | None, tick: int) -> float:
         return float("nan")
 
 
-def cpu_spent(before: CpuSample, after: CpuSample) -> CpuSpent:
+def cpu_spent(before: CpuSample, after: CpuSample) -> CpuSample:
     """What was spent between two samples."""
-    return CpuSpent(
+    return CpuSample(
         after.busy_s - before.busy_s, after.steal_s - before.steal_s, after.rig_s - before.rig_s
     )
 

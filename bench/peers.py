@@ -820,11 +820,12 @@ def _log_start(case: str, link: str, rep: int, reps: int, start: Start) -> None:
         return
     pre = f" (pre {start.pre_seconds:.2f} s)" if start.pre_seconds else ""
     agent = f", agent LOADs {start.agent_seconds:.2f} s" if start.loads else ""
+    cores = start.cpu_busy_s / start.cpu_window_s  # NaN where no window was measured
+    cpu = f", {cores:.2f} cores busy before the first load" if cores == cores else ""
     log(
         f"{case} {link} rep {rep + 1}/{reps} {start.column:10}: {start.seconds:.2f} s{pre}, "
         f"{start.requests} requests, {fmt_bytes(start.content_bytes)}, "
-        f"peak {start.peak_in_flight} in flight{agent}, "
-        f"{start.cpu_busy_s / start.cpu_window_s:.2f} cores busy before the first load"
+        f"peak {start.peak_in_flight} in flight{agent}{cpu}"
         + (f" ERROR {start.error}" if start.error else "")
     )
 

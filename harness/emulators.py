@@ -49,7 +49,7 @@ from types import TracebackType
 from typing import Any, ClassVar, Literal
 from urllib.parse import parse_qsl, unquote
 
-from .localhost import free_port
+from .localhost import LOOPBACK, free_port
 from .proxy import CountingProxy, ProxyRecord
 
 __all__ = [
@@ -82,10 +82,9 @@ AZURITE_KEY = (
 )
 
 _REPO_ROOT = Path(__file__).resolve().parents[1]
-_LOOPBACK = "127.0.0.1"
 
 
-def azurite_connection_string(port: int, host: str = _LOOPBACK) -> str:
+def azurite_connection_string(port: int, host: str = LOOPBACK) -> str:
     """Return the devstoreaccount1 connection string for a blob endpoint at ``host:port``."""
     return (
         f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};"
@@ -191,7 +190,7 @@ class Emulator(ABC):
     @property
     def host(self) -> str:
         """The address the emulator binds to (always loopback)."""
-        return _LOOPBACK
+        return LOOPBACK
 
     @property
     def port(self) -> int:
@@ -396,7 +395,7 @@ class MotoS3(Emulator):
     def _command(self) -> list[str]:
         # "python -m moto.server" is the console script's entry point without
         # depending on the venv's bin/ being on PATH.
-        return [sys.executable, "-m", "moto.server", "-H", _LOOPBACK, "-p", str(self.port)]
+        return [sys.executable, "-m", "moto.server", "-H", LOOPBACK, "-p", str(self.port)]
 
 
 class FakeGcs(Emulator):
@@ -428,18 +427,18 @@ class FakeGcs(Emulator):
         return self.backend == "filesystem"
 
     def _command(self) -> list[str]:
-        addr = f"{_LOOPBACK}:{self.port}"
+        addr = f"{LOOPBACK}:{self.port}"
         argv = [
             str(find_fake_gcs_server()),
             "-scheme", "http",
-            "-host", _LOOPBACK,
+            "-host", LOOPBACK,
             "-port", str(self.port),
             # Without these two the server advertises storage.googleapis.com
             # in upload Location headers and media links. The public host has
             # no port: fake-gcs answers XML-style GET /<bucket>/<object> (what
             # Triton's GCS client sends) only when the Host header matches it,
             # and through the counting proxy the port in Host is the proxy's.
-            "-public-host", _LOOPBACK,
+            "-public-host", LOOPBACK,
             "-external-url", f"http://{addr}",
             "-backend", self.backend,
             # It logs every request at info level; that is slow on a 2-core
@@ -472,7 +471,7 @@ class Azurite(Emulator):
         data.mkdir(exist_ok=True)
         return [
             str(find_azurite_blob()),
-            "--blobHost", _LOOPBACK,
+            "--blobHost", LOOPBACK,
             "--blobPort", str(self.port),
             "--location", str(data),
             "--disableTelemetry",
@@ -653,7 +652,7 @@ class StorageRig:
         """
         relpath = relpath.lstrip("/")
         if self.cloud == "s3":
-            return f"s3://{_LOOPBACK}:{self.proxy.port}/{self.bucket}/{relpath}"
+            return f"s3://{LOOPBACK}:{self.proxy.port}/{self.bucket}/{relpath}"
         if self.cloud == "gs":
             return f"gs://{self.bucket}/{relpath}"
         return f"as://{AZURITE_ACCOUNT}/{self.bucket}/{relpath}"

@@ -74,7 +74,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from .emulators import Cloud, Emulator, EmulatorError
-from .localhost import free_ports, port_is_free
+from .localhost import LOOPBACK, free_port, free_ports, port_is_free
 
 __all__ = ["ACCESS_KEY", "REGION", "SECRET_KEY", "SeaweedS3", "find_weed"]
 
@@ -85,7 +85,6 @@ SECRET_KEY = "any"
 #: Region clients are configured with (SeaweedFS ignores it).
 REGION = "us-east-1"
 
-_LOOPBACK = "127.0.0.1"
 # The admin server's worker ignores -admin.port.grpc and dials this offset.
 _ADMIN_GRPC_OFFSET = 10000
 # Environment variables weed reads as configuration; a developer's shell must
@@ -140,7 +139,7 @@ def _wheel_files(distribution: str, suffix: str) -> list[Path]:
 def _admin_port_pair(taken: set[int]) -> tuple[int, int]:
     """A free port P with P + 10000 free too (see ``_ADMIN_GRPC_OFFSET``)."""
     for _ in range(200):
-        (port,) = free_ports(1)
+        port = free_port()
         grpc = port + _ADMIN_GRPC_OFFSET
         if grpc <= 65535 and not {port, grpc} & taken and port_is_free(grpc):
             return port, grpc
@@ -252,8 +251,8 @@ class SeaweedS3(Emulator):
             f"-config_dir={work}",
             "mini",
             f"-dir={self.data_dir}",
-            f"-ip={_LOOPBACK}",
-            f"-ip.bind={_LOOPBACK}",
+            f"-ip={LOOPBACK}",
+            f"-ip.bind={LOOPBACK}",
             "-admin.ui=false",
             "-master.telemetry=false",  # it would phone home otherwise
             "-volume.preStopSeconds=0",  # mini's default 1 s only slows stop()
@@ -309,7 +308,7 @@ class SeaweedS3(Emulator):
     def _volumes(self) -> int:
         """Volumes the master sees on its volume servers; -1 before one registered."""
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        url = f"http://{_LOOPBACK}:{self.ports['master.port']}/dir/status"
+        url = f"http://{LOOPBACK}:{self.ports['master.port']}/dir/status"
         try:
             with opener.open(url, timeout=2) as resp:
                 topology = json.load(resp).get("Topology", {})
