@@ -70,11 +70,13 @@ BUILD_WAIT_SECONDS = 900.0
 
 @dataclass(frozen=True)
 class _Call:
-    """What one fetch works with: its settings, the budget they give, its selection."""
+    """What one fetch works with: its settings, the budget they give, its selection,
+    and whether a hit's bookkeeping may be written after it returns."""
 
     settings: Settings
     budget: int | None
     selection: str
+    defer_bookkeeping: bool = False
 
 
 @dataclass(frozen=True)
@@ -210,6 +212,7 @@ class Cache:
         started: float | None = None,
         settings: Settings | None = None,
         selection: str = "",
+        defer_bookkeeping: bool = False,
     ) -> Snapshot:
         """Return a local snapshot of ``location``, downloading only what is missing.
 
@@ -222,9 +225,14 @@ class Cache:
         ``listed`` is a listing of ``location`` with ``select`` already under way
         (:func:`cacheagent.remote.listing.start_listing`), used instead of listing again;
         ``started`` (a ``time.monotonic()`` stamp) is then when it started.
+        With ``defer_bookkeeping`` a hit returns as soon as it holds its lease: its
+        last use and counters are written on the index's thread (reads of them in
+        this process wait for that; :meth:`close` does too).
         """
         started = time.monotonic() if started is None else started
-        call = _Call(settings or self.defaults, self.budget(settings), selection or "all")
+        call = _Call(
+            settings or self.defaults, self.budget(settings), selection or "all", defer_bookkeeping
+        )
         loc = self.parse(location)
         model = model or os.path.basename(loc.root.rstrip("/"))
         try:
@@ -307,7 +315,9 @@ class Cache:
     def _try_hit(
         self, manifest: Manifest, lease: LeaseSpec | None, started: float, call: _Call
     ) -> Snapshot | None:
-        record = self.index.get_snapshot(manifest.key)
+        # The record file, not the database: a hit is served before a fresh process
+        # has opened the index (see _note_hit).
+        record = self.index.read_record(manifest.key)
         if record is None or not self.store.has_snapshot(manifest.key):
             return None
         with self._gc_lock(shared=True):
@@ -317,10 +327,17 @@ class Cache:
                 self._drop_corrupt(record, call.settings.verify)
                 return None
             self._take_lease(lease, record)
-        self.index.touch_snapshot(record.key)
-        self.index.count("hits")
-        self.index.count("bytes_served_from_cache", record.size)
+        self._note_hit(record, call)
         return self._served(record, lease, started)
+
+    def _note_hit(self, record: SnapshotRecord, call: _Call) -> None:
+        # The lease already protects the snapshot; what is left is bookkeeping (its
+        # last use for eviction, the hit counters), which a call that must answer
+        # quickly (Triton's LOAD) leaves to the index's own thread.
+        if call.defer_bookkeeping:
+            self.index.note_hit_later(record.key, record.size)
+        else:
+            self.index.note_hit(record.key, record.size)
 
     def _served(
         self, record: SnapshotRecord, lease: LeaseSpec | None, started: float, warning: str = ""

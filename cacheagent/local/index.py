@@ -33,6 +33,7 @@ import functools
 import json
 import logging
 import os
+import queue
 import shutil
 import sqlite3
 import threading
@@ -90,6 +91,8 @@ _SNAPSHOT, _SOURCE, _CONTENT, _COUNTER = "snapshot:", "source:", "content:", "co
 # The layout before one database: one diskcache directory per table.
 _OLD_TABLES = ("snapshots", "sources", "contents", "leases", "counters")
 REPAIR_WAIT = 120.0
+#: How long a read waits for this process's queued bookkeeping (note_hit_later).
+SETTLE_TIMEOUT_S = 10.0
 
 T = TypeVar("T")
 
@@ -173,6 +176,7 @@ class Index:
         # delete_snapshot); hidden from every read until a later write deletes them.
         self._pending_deletes: set[str] = set()
         self._pending_lock = threading.Lock()
+        self._later = _Later()
 
     # The database is opened on first use: every SQLite open (connect, pragmas,
     # schema check) costs a fresh worker milliseconds, and leases need none.
@@ -205,7 +209,11 @@ class Index:
         self._db  # noqa: B018  (the property opens it)
 
     def close(self) -> None:
-        """Close the database connection (of the calling thread; others close with it)."""
+        """Close the database connection (of the calling thread; others close with it).
+
+        Bookkeeping queued by :meth:`note_hit_later` is written first (bounded wait).
+        """
+        self.settle()
         with self._open_lock:
             handle, self._db_handle = self._db_handle, None
         if handle is not None:
@@ -213,9 +221,69 @@ class Index:
 
     # -- snapshots ---------------------------------------------------------
 
+    def read_record(self, key: str) -> SnapshotRecord | None:
+        """The record of a published snapshot from its record file, without the database.
+
+        The record file is the store's truth (written before the row at publish,
+        removed before it at delete), so a hit can be found and served by a fresh
+        process before it has opened the database. An unreadable one is logged and
+        treated as none, so
+        the snapshot is fetched and published again. Without a record file the
+        database decides (a cache of the layout before record files gets them when
+        the database is first opened).
+        """
+        if key in self._pending_deletes:
+            return None
+        path = self._record_path(key)
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = json.load(f)
+            return SnapshotRecord.from_dict(raw)
+        except FileNotFoundError:
+            return self.get_snapshot(key)
+        except (OSError, ValueError, TypeError) as exc:
+            _log.warning(
+                "the snapshot record %s is unreadable (%s); treating the snapshot as not "
+                "cached, so it is fetched and published again",
+                path,
+                exc,
+            )
+            return None
+
+    def note_hit_later(self, key: str, size: int) -> None:
+        """Record a hit on snapshot ``key`` (last use, hit and byte counters) in the background.
+
+        The caller has a lease already and answers at once: the database is opened
+        and written on the index's own thread, in order with other such writes.
+        :meth:`settle` (and every read of what it writes) waits for them.
+        """
+        self._later.submit(functools.partial(self.note_hit, key, size))
+
+    @_repairing
+    def note_hit(self, key: str, size: int) -> None:
+        """Record a hit on snapshot ``key`` now: its last use and the counters, in one commit."""
+        with _best_effort(self.root), self._db.transact():
+            raw = self._db.get(_SNAPSHOT + key)
+            if raw:
+                raw["last_used"] = time.time()
+                self._db.set(_SNAPSHOT + key, raw)
+            self._db.incr(_COUNTER + "hits", 1, default=0)
+            self._db.incr(_COUNTER + "bytes_served_from_cache", size, default=0)
+
+    def settle(self, timeout: float = SETTLE_TIMEOUT_S) -> None:
+        """Wait (at most ``timeout`` s, then warn) for writes queued by :meth:`note_hit_later`."""
+        if not self._later.wait(timeout):
+            _log.warning(
+                "the cache index %s has not written this process's last hits after %.0f s; "
+                "reading it without them (counters and last use may lag)",
+                self.root,
+                timeout,
+            )
+
     @_repairing
     def get_snapshot(self, key: str) -> SnapshotRecord | None:
         """The record of a snapshot, or None."""
+        self.settle()
         if key in self._pending_deletes:
             return None
         raw = self._db.get(_SNAPSHOT + key)
@@ -282,6 +350,7 @@ class Index:
     @_repairing
     def snapshots(self) -> list[SnapshotRecord]:
         """All snapshot records."""
+        self.settle()
         records = []
         for key in self._keys(_SNAPSHOT):
             raw = self._db.get(key)
@@ -377,6 +446,7 @@ class Index:
     @_repairing
     def counters(self) -> dict[str, int]:
         """Every counter, zero when never counted."""
+        self.settle()
         return {name: int(self._db.get(_COUNTER + name, 0)) for name in COUNTERS}
 
     @_repairing
@@ -586,3 +656,49 @@ def _best_effort(root: Path) -> Iterator[None]:
     except sqlite3.OperationalError as exc:
         if not _is_disk_full(exc, root):
             raise
+
+
+class _Later:
+    """Writes that may come after the caller has answered: one daemon thread, in order.
+
+    The thread starts with the first job and waits for more after it; a job that
+    fails is logged, never raised (what it writes is bookkeeping).
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._queued = 0
+        self._thread: threading.Thread | None = None
+
+    def submit(self, job: Callable[[], object]) -> None:
+        """Run ``job`` on the thread, after the jobs already queued."""
+        with self._lock:
+            self._queued += 1
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="cacheagent-index-later", daemon=True
+                )
+                self._thread.start()
+        self._jobs.put(job)
+
+    def wait(self, timeout: float) -> bool:
+        """Wait until every queued job has run; False if ``timeout`` s passed first."""
+        if threading.current_thread() is self._thread:
+            return True  # a job reading the index must not wait for itself
+        with self._lock:
+            return self._idle.wait_for(lambda: self._queued == 0, timeout)
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                job()
+            except Exception as exc:  # bookkeeping only: the hit it records was served
+                _log.warning("could not record a cache hit in the index: %s", exc)
+            finally:
+                with self._lock:
+                    self._queued -= 1
+                    if self._queued == 0:
+                        self._idle.notify_all()

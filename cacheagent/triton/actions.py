@@ -87,37 +87,53 @@ def cache_for(cache_dir: Path) -> Cache:
         return cache
 
 
-def preload() -> None:
+def settle_open_caches(timeout: float) -> None:
+    """Let each open cache's queued bookkeeping (a hit's counters) reach its index, within
+    ``timeout`` seconds in all: the worker calls this before it exits."""
+    deadline = time.monotonic() + timeout
+    with _CACHES_LOCK:
+        caches = list(_CACHES.values())
+    for cache in caches:
+        cache.index.settle(max(0.0, deadline - time.monotonic()))
+
+
+def preload(*, prefetch: bool = True) -> None:
     """Import what a LOAD's hit path needs (the cache, its index, diskcache, SQLite).
 
     A fresh worker runs this on a thread as soon as it has imported this module:
     the imports then overlap the wait for Triton's first request and for this
-    start's listing, instead of lengthening the first LOAD. Never raises: a
-    broken import is the LOAD's to report.
+    start's listing, instead of lengthening the first LOAD. ``prefetch`` adds the
+    prefetcher (and the storage clients it imports), which a LOAD asks for only
+    when no start listing covers every model. Never raises: a broken import is
+    the LOAD's to report.
     """
     try:
         import cacheagent.cache
-        import cacheagent.triton.prefetch  # noqa: F401  (each LOAD asks for the prefetcher)
+
+        if prefetch:
+            import cacheagent.triton.prefetch  # noqa: F401
     except Exception as exc:  # the LOAD that needs it raises it properly
         logging.getLogger(__name__).debug("preloading the cache failed: %s", exc)
 
 
 def open_cache(env: Mapping[str, str]) -> None:
-    """Open the cache ``env`` names (``$CACHEAGENT_CACHE_DIR``), its index included.
+    """Get the cache ``env`` names (``$CACHEAGENT_CACHE_DIR``) ready for the first LOAD.
 
     The first worker of ``cacheagent run`` runs this on a thread as soon as it has
-    Triton's environment: the first LOAD, which ``cacheagent run`` points at that
-    cache, then finds the index open (an SQLite open with its pragmas and schema
-    check) instead of opening it while Triton waits. Never raises: what fails here
-    fails again in the LOAD, which reports it.
+    Triton's environment. It builds the cache object (its store and its index,
+    not yet the database: a hit needs none, see :meth:`Cache.fetch`'s
+    ``defer_bookkeeping``), and imports the prefetcher only when this start's
+    listing does not cover every model (then each LOAD asks for it). Never
+    raises: what fails here fails again in the LOAD, which reports it.
     """
     try:
         from cacheagent.settings import default_cache_dir
 
-        cache_for(default_cache_dir(env)).index.open()
+        preload(prefetch=not start_covers_every_model(env))
+        cache_for(default_cache_dir(env))
     except Exception as exc:
         logging.getLogger(__name__).debug(
-            "opening the cache ahead of the first LOAD failed: %s", exc
+            "preparing the cache ahead of the first LOAD failed: %s", exc
         )
 
 
@@ -162,6 +178,8 @@ def _load(request: dict[str, Any], params: AgentParams, model: str, log: LogFn) 
         started=started,
         settings=params.settings,
         selection=selection,
+        # Triton waits for this answer; the hit's counters can be written after it.
+        defer_bookkeeping=True,
     )
     log("INFO", load_line(model, snapshot, tiered=bool(params.settings.shared_cache)))
     if snapshot.warning:

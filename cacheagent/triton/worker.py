@@ -70,6 +70,8 @@ from cacheagent.errors import CacheAgentError
 from cacheagent.triton.prestart import ENV_FIRST
 
 HEARTBEAT_INTERVAL = 1.0
+#: At exit, how long the worker waits for the bookkeeping of its last hits.
+EXIT_SETTLE_S = 2.0
 WATCHDOG_INTERVAL = 1.0
 MAX_TEXT = 32 * 1024  # the shim accepts far longer lines; this keeps Triton's log sane
 
@@ -281,15 +283,18 @@ def serve(in_fd: int, out_fd: int, handler: Handler | None = None) -> int:
     return 0
 
 
-def _actions_handler() -> Handler:
+def _actions_handler(*, prefetch: bool = True) -> Handler:
     """The real agent's handler; its hit path is imported meanwhile on a thread.
 
     Imported before READY, so a broken install fails fast; the rest (the cache,
-    its index) would lengthen the first LOAD, so it loads while the worker waits.
+    its index, with ``prefetch`` the prefetcher) would lengthen the first LOAD,
+    so it loads while the worker waits.
     """
     from cacheagent.triton import actions
 
-    threading.Thread(target=actions.preload, name="preload", daemon=True).start()
+    threading.Thread(
+        target=actions.preload, kwargs={"prefetch": prefetch}, name="preload", daemon=True
+    ).start()
     return actions.handle
 
 
@@ -338,7 +343,8 @@ def main(handler: Handler | None = None) -> int:
     if ENV_FIRST in sys.argv[1:]:  # started early by cacheagent run (triton.prestart)
         real = handler is None
         if handler is None:
-            handler = _actions_handler()  # while the launcher prepares
+            # The prefetcher only if the environment says this start needs it.
+            handler = _actions_handler(prefetch=False)  # while the launcher prepares
         if not take_environment(in_fd):
             return 0
         if real:
@@ -347,7 +353,7 @@ def main(handler: Handler | None = None) -> int:
 
 
 def _open_cache_soon() -> None:
-    """Open the cache ``cacheagent run`` named on a thread, while Triton reaches its first LOAD."""
+    """Ready the cache ``cacheagent run`` named on a thread, while Triton reaches its first LOAD."""
     from cacheagent.triton import actions
 
     env = dict(os.environ)
@@ -357,6 +363,11 @@ def _open_cache_soon() -> None:
 def run() -> None:
     """Run the worker to its end and exit the process (how the shim's launcher starts it)."""
     code = main()
+    actions = sys.modules.get("cacheagent.triton.actions")  # only if a LOAD may have queued
+    if actions is not None:
+        # The last hits' counters, queued after their LOADs were answered; bounded
+        # well within the shim's wait at Finalize.
+        actions.settle_open_caches(EXIT_SETTLE_S)
     sys.stderr.flush()
     # Exit now even if actions left non-daemon threads running: the shim waits only
     # 5 s at Finalize, and on-disk state is crash-safe by design (temp file + rename).

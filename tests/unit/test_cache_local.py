@@ -198,3 +198,62 @@ def test_leased_snapshots_over_budget_warn_instead_of_failing(tmp_path):
         assert first.warning == ""
         second = cache.fetch(str(b))
         assert "over its budget" in second.warning and first.path.exists()
+
+
+def test_a_hit_is_served_from_its_record_file_and_its_bookkeeping_follows(tmp_path, monkeypatch):
+    """defer_bookkeeping: a fresh cache serves a hit, lease taken, before it opens the index."""
+    import threading
+
+    from cacheagent.local.index import Index
+
+    model = ten_file_model(tmp_path / "m")
+    root = tmp_path / "cache"
+    with Cache(root) as first:
+        published = first.fetch(str(model))
+    gate = threading.Event()
+    note_hit = Index.note_hit
+
+    def held_note_hit(self, key, size):  # the index thread, held until the hit is checked
+        assert gate.wait(30)
+        note_hit(self, key, size)
+
+    monkeypatch.setattr(Index, "note_hit", held_note_hit)
+    with Cache(root) as cache:
+        lease = LeaseSpec("lease-1", os.getpid(), "m")
+        hit = cache.fetch(str(model), lease=lease, defer_bookkeeping=True)
+        assert hit.hit and hit.path == published.path
+        assert cache.index._db_handle is None  # served without the database
+        assert [row.lease_id for row in cache.leases()] == ["lease-1"]
+        gate.set()
+        counters = cache.stats().counters  # waits for the queued bookkeeping
+        assert counters["hits"] == 1 and counters["bytes_served_from_cache"] == hit.size
+        [record] = cache.snapshots()
+        assert record.last_used > record.created
+
+
+def test_a_hit_without_deferral_writes_its_bookkeeping_before_it_returns(tmp_path, monkeypatch):
+    from cacheagent.local.index import Index
+
+    model = ten_file_model(tmp_path / "m")
+    root = tmp_path / "cache"
+    with Cache(root) as first:
+        first.fetch(str(model))
+    written = []
+    note_hit = Index.note_hit
+    monkeypatch.setattr(
+        Index, "note_hit", lambda self, key, size: (written.append(key), note_hit(self, key, size))
+    )
+    with Cache(root) as cache:
+        hit = cache.fetch(str(model))
+        assert hit.hit and written == [hit.key]
+
+
+def test_an_unreadable_record_file_is_a_miss_that_publishes_it_again(tmp_path, cache, caplog):
+    model = ten_file_model(tmp_path / "m")
+    first = cache.fetch(str(model))
+    record_file = cache.root / "records" / f"{first.key}.json"
+    record_file.write_text("{ not json")
+    again = cache.fetch(str(model))
+    assert not again.hit and again.key == first.key
+    assert "unreadable" in caplog.text and str(record_file) in caplog.text
+    assert cache.fetch(str(model)).hit  # published again, record file included

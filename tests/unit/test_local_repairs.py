@@ -340,3 +340,34 @@ def test_fetch_works_with_a_cache_part_on_another_filesystem(tmp_path, mounts, c
         assert copies == []
     else:  # once per cache, however many files were copied
         assert len(copies) == 1 and copies[0].levelno == logging.WARNING
+
+
+def test_queued_bookkeeping_that_fails_is_logged_and_the_next_still_runs(tmp_path, caplog):
+    from cacheagent.local.index import Index
+
+    index = Index(tmp_path / "index")
+    ran = []
+
+    def broken() -> None:
+        raise OSError("the disk went away")
+
+    index._later.submit(broken)
+    index._later.submit(lambda: ran.append(1))
+    index.settle()
+    assert ran == [1]
+    assert "could not record a cache hit in the index: the disk went away" in caplog.text
+    index.close()
+
+
+def test_a_read_waits_for_queued_bookkeeping_only_so_long(tmp_path, caplog):
+    import threading
+
+    from cacheagent.local.index import Index
+
+    index = Index(tmp_path / "index")
+    gate = threading.Event()
+    index._later.submit(lambda: gate.wait(30))
+    index.settle(timeout=0.05)
+    assert "has not written this process's last hits after" in caplog.text
+    gate.set()
+    index.close()

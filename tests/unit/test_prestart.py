@@ -157,18 +157,22 @@ def test_the_environment_line_replaces_the_whole_environment() -> None:
     assert eof.stdout.split()[0] == "False"
 
 
-def test_the_worker_opens_the_launchers_cache_before_its_first_load(tmp_path: Path) -> None:
-    """Its index is open (here: created, the cache being new) with no LOAD sent."""
+def test_the_worker_readies_the_launchers_cache_and_leaves_its_database_to_later(
+    tmp_path: Path,
+) -> None:
+    """The cache exists once the worker has its environment; the index database does not:
+    a hit needs none (its bookkeeping opens it after the LOAD has been answered)."""
     cache_dir = tmp_path / "cache"
     with early_worker() as early:
         env = {"PATH": os.environ["PATH"], "CACHEAGENT_CACHE_DIR": str(cache_dir)}
         to_worker, from_worker = early.hand_over(env)
         assert read_line(from_worker).startswith("READY ")
-        database = cache_dir / "index" / "cache.db"
         deadline = time.monotonic() + 30
-        while not database.exists() and time.monotonic() < deadline:
+        while not cache_dir.is_dir() and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert database.exists()
+        assert cache_dir.is_dir()
+        time.sleep(0.5)  # the old worker opened the database right after making the directory
+        assert not (cache_dir / "index" / "cache.db").exists()
         os.close(to_worker)
         assert early.process.wait(30) == 0
         os.close(from_worker)
@@ -181,4 +185,5 @@ def test_opening_the_cache_early_never_raises(tmp_path: Path) -> None:
     blocker.write_text("not a directory")
     actions.open_cache({"CACHEAGENT_CACHE_DIR": str(blocker / "cache")})  # cannot be made
     actions.open_cache({"CACHEAGENT_CACHE_DIR": str(tmp_path / "cache")})
-    assert actions.cache_for(tmp_path / "cache").index._db_handle is not None
+    assert (tmp_path / "cache").is_dir()
+    assert actions.cache_for(tmp_path / "cache").index._db_handle is None
