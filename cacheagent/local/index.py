@@ -227,10 +227,9 @@ class Index:
         The record file is the store's truth (written before the row at publish,
         removed before it at delete), so a hit can be found and served by a fresh
         process before it has opened the database. An unreadable one is logged and
-        treated as none, so
-        the snapshot is fetched and published again. Without a record file the
-        database decides (a cache of the layout before record files gets them when
-        the database is first opened).
+        treated as none, so the snapshot is fetched and published again. Without a
+        record file the database decides (a cache of the layout before record files
+        gets them when the database is first opened).
         """
         if key in self._pending_deletes:
             return None
@@ -263,10 +262,7 @@ class Index:
     def note_hit(self, key: str, size: int) -> None:
         """Record a hit on snapshot ``key`` now: its last use and the counters, in one commit."""
         with _best_effort(self.root), self._db.transact():
-            raw = self._db.get(_SNAPSHOT + key)
-            if raw:
-                raw["last_used"] = time.time()
-                self._db.set(_SNAPSHOT + key, raw)
+            self._mark_used(key)
             self._db.incr(_COUNTER + "hits", 1, default=0)
             self._db.incr(_COUNTER + "bytes_served_from_cache", size, default=0)
 
@@ -308,10 +304,14 @@ class Index:
     def touch_snapshot(self, key: str) -> None:
         """Mark a snapshot as used now (for LRU eviction); best effort on a full disk."""
         with _best_effort(self.root), self._db.transact():
-            raw = self._db.get(_SNAPSHOT + key)
-            if raw:
-                raw["last_used"] = time.time()
-                self._db.set(_SNAPSHOT + key, raw)
+            self._mark_used(key)
+
+    def _mark_used(self, key: str) -> None:
+        """Set a snapshot row's last use to now (inside the caller's transaction)."""
+        raw = self._db.get(_SNAPSHOT + key)
+        if raw:
+            raw["last_used"] = time.time()
+            self._db.set(_SNAPSHOT + key, raw)
 
     @_repairing
     def delete_snapshot(self, key: str) -> None:
